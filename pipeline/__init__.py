@@ -1,0 +1,1 @@
+"""Wiring: options, the top-level graph, the command line and the event generator."""

@@ -1,0 +1,90 @@
+"""`clickstream`: run the job, generate data, replay a stream, print a report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipeline.generator import GeneratorConfig, write_dataset
+
+    counts = write_dataset(args.out, GeneratorConfig(
+        events=args.events, seed=args.seed, date=args.date, shards=args.shards))
+    print(f"wrote {counts['read']:,} lines to {args.out} "
+          f"({counts['unique']:,} unique, {counts['duplicates']:,} duplicates, "
+          f"{counts['dead_letter']:,} malformed); oracle in {args.out}/expected.json")
+    return 0
+
+
+def _run(argv: Sequence[str]) -> int:
+    from pipeline.job import run
+    from pipeline.report import print_report
+
+    summary = run(argv)
+    print(summary.render())
+    duckdb_path = _flag(argv, "--duckdb_path", "clickstream.duckdb")
+    print_report(duckdb_path)
+    return 0 if summary.reconciles else 1
+
+
+def _replay(argv: Sequence[str]) -> int:
+    from pipeline.replay import run_replay
+    from pipeline.report import print_report
+
+    summary = run_replay(argv)
+    print(summary.render())
+    print_report(_flag(argv, "--duckdb_path", "clickstream.duckdb"), changelog=True)
+    return 0 if summary.reconciles else 1
+
+
+def _flag(argv: Sequence[str], name: str, default: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__ + "\n\ncommands:\n"
+              "  run      --input_files GLOB --duckdb_path FILE [--distinct exact|hll] "
+              "[--runner R] [Beam options]\n"
+              "  replay   --replay_dir DIR --duckdb_path FILE [...]  stream a generated "
+              "dataset in arrival order (TestStream)\n"
+              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
+              "  report   --duckdb_path FILE\n"
+              "Run `clickstream run --help` for every pipeline option.")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "generate":
+        parser = argparse.ArgumentParser(prog="clickstream generate")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--events", type=int, default=100_000)
+        parser.add_argument("--seed", type=int, default=1)
+        parser.add_argument("--date", default="2026-11-01")
+        parser.add_argument("--shards", type=int, default=4)
+        return _generate(parser.parse_args(rest))
+    if command == "run":
+        return _run(rest)
+    if command == "replay":
+        return _replay(rest)
+    if command == "report":
+        from pipeline.report import print_report
+
+        print_report(_flag(rest, "--duckdb_path", "clickstream.duckdb"))
+        return 0
+    print(f"unknown command {command!r}; try `clickstream --help`", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Composite PTransforms and DoFns of the clickstream graph, one stage per module."""

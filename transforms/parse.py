@@ -1,0 +1,282 @@
+"""Parse and validate raw event payloads against schemas/event.avsc.
+
+Every payload leaves as a valid `Event` (timestamped with its event time) or as a
+dead-letter row that keeps the payload byte for byte and names the rule it broke.
+Nothing here raises on input: a pipeline that crashes on one bad record loses the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import apache_beam as beam
+import orjson
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+
+import schemas
+from transforms.events import Event
+
+METRICS_NAMESPACE = "clickstream"
+DEAD_LETTER_TAG = "dead_letter"
+
+
+class Reason:
+    """Dead-letter reason codes: one per rule of the input contract."""
+
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    EVENT_TIME_UNPARSEABLE = "event_time_unparseable"
+    EVENT_TIME_NO_ZONE = "event_time_no_zone"
+    EVENT_TIME_TOO_OLD = "event_time_too_old"
+    EVENT_TIME_IN_FUTURE = "event_time_in_future"
+
+
+class InvalidEvent(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?$")
+
+
+@dataclass(frozen=True)
+class EventRules:
+    """The constraints of schemas/event.avsc, compiled once per worker."""
+
+    max_record_bytes: int
+    min_event_time_ms: int
+    max_ahead_ms: int
+    string_rules: tuple[tuple[str, bool, int, int, re.Pattern | None], ...]
+
+    @classmethod
+    def from_schema(cls, schema: dict) -> "EventRules":
+        rules = []
+        min_ms = 0
+        max_ahead_s = 0
+        for field in schema["fields"]:
+            name, ftype = field["name"], field["type"]
+            if name == "event_time":
+                min_dt = datetime.fromisoformat(field["x-min"].replace("Z", "+00:00"))
+                min_ms = int(min_dt.timestamp() * 1000)
+                max_ahead_s = int(field["x-maxAheadOfProcessingSeconds"])
+                continue
+            if ftype == "string" or ftype == ["null", "string"]:
+                pattern = field.get("x-pattern")
+                rules.append((
+                    name,
+                    ftype == "string",
+                    int(field.get("x-minLength", 0)),
+                    int(field.get("x-maxLength", 1 << 30)),
+                    re.compile(pattern) if pattern else None,
+                ))
+        return cls(
+            max_record_bytes=int(schema["x-maxRecordBytes"]),
+            min_event_time_ms=min_ms,
+            max_ahead_ms=max_ahead_s * 1000,
+            string_rules=tuple(rules),
+        )
+
+
+def parse_event_time(value: Any) -> int:
+    """RFC 3339 with a zone, or integer epoch milliseconds, to epoch milliseconds."""
+    if isinstance(value, bool):
+        raise InvalidEvent(f"{Reason.WRONG_TYPE}.event_time", "event_time is a boolean")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{Reason.WRONG_TYPE}.event_time",
+                           f"event_time is {type(value).__name__}, not string or integer")
+    match = _RFC3339.match(value)
+    if match is None:
+        raise InvalidEvent(Reason.EVENT_TIME_UNPARSEABLE,
+                           f"event_time {value[:64]!r} is not RFC 3339")
+    if match.group(2) is None:
+        raise InvalidEvent(Reason.EVENT_TIME_NO_ZONE,
+                           f"event_time {value[:64]!r} has no zone (Z or an offset)")
+    try:
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidEvent(Reason.EVENT_TIME_UNPARSEABLE, str(exc)) from None
+    return int(parsed.timestamp() * 1000)
+
+
+def validate(record: Any, rules: EventRules, now_ms: int) -> Event:
+    """A decoded JSON value to an Event, or InvalidEvent naming the broken rule."""
+    if not isinstance(record, dict):
+        raise InvalidEvent(Reason.NOT_AN_OBJECT, f"top level is {type(record).__name__}")
+    strings: dict[str, str | None] = {}
+    for name, required, min_len, max_len, pattern in rules.string_rules:
+        value = record.get(name)
+        if value is None:
+            if required:
+                raise InvalidEvent(f"{Reason.MISSING_FIELD}.{name}", f"{name} is missing or null")
+            strings[name] = None
+            continue
+        if not isinstance(value, str):
+            raise InvalidEvent(f"{Reason.WRONG_TYPE}.{name}",
+                               f"{name} is {type(value).__name__}, not string")
+        if not min_len <= len(value) <= max_len:
+            raise InvalidEvent(f"{Reason.INVALID_VALUE}.{name}",
+                               f"{name} length {len(value)} not in [{min_len}, {max_len}]")
+        if pattern is not None and pattern.match(value) is None:
+            raise InvalidEvent(f"{Reason.INVALID_VALUE}.{name}",
+                               f"{name} {value[:64]!r} does not match {pattern.pattern}")
+        strings[name] = value
+    if "event_time" not in record or record["event_time"] is None:
+        raise InvalidEvent(f"{Reason.MISSING_FIELD}.event_time", "event_time is missing or null")
+    event_time_ms = parse_event_time(record["event_time"])
+    if event_time_ms < rules.min_event_time_ms:
+        raise InvalidEvent(Reason.EVENT_TIME_TOO_OLD,
+                           f"event_time {event_time_ms} ms is before 2000-01-01")
+    if event_time_ms > now_ms + rules.max_ahead_ms:
+        raise InvalidEvent(Reason.EVENT_TIME_IN_FUTURE,
+                           f"event_time {event_time_ms} ms is more than "
+                           f"{rules.max_ahead_ms // 1000} s ahead of processing time")
+    properties = record.get("properties")
+    if properties is None:
+        properties = {}
+    elif not isinstance(properties, dict):
+        raise InvalidEvent(f"{Reason.WRONG_TYPE}.properties",
+                           f"properties is {type(properties).__name__}, not object")
+    else:
+        for key, value in properties.items():
+            if not isinstance(value, str):
+                raise InvalidEvent(f"{Reason.WRONG_TYPE}.properties",
+                                   f"properties[{key[:64]!r}] is {type(value).__name__}, "
+                                   "not string")
+    return Event(
+        strings["event_id"],  # type: ignore[arg-type]
+        strings["event_type"],  # type: ignore[arg-type]
+        event_time_ms,
+        strings["device_id"],  # type: ignore[arg-type]
+        strings.get("user_id"),
+        strings.get("session_id"),
+        strings.get("platform"),
+        properties,
+    )
+
+
+def decode(payload: bytes, rules: EventRules, now_ms: int) -> Event:
+    """Raw bytes to an Event, checking size, encoding and JSON before the fields."""
+    if len(payload) > rules.max_record_bytes:
+        raise InvalidEvent(Reason.PAYLOAD_TOO_LARGE,
+                           f"{len(payload)} bytes > {rules.max_record_bytes}")
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as utf8_error:
+            raise InvalidEvent(Reason.INVALID_UTF8, str(utf8_error)) from None
+        raise InvalidEvent(Reason.MALFORMED_JSON, str(exc)) from None
+    return validate(record, rules, now_ms)
+
+
+def dead_letter_row(payload: bytes, reason: str, detail: str,
+                    ingest_time: datetime, occurrence: int = 0) -> schemas.DeadLetterRow:
+    digest = hashlib.sha256(payload).hexdigest()[:32]
+    return {
+        "dead_letter_id": f"{digest}-{occurrence}",
+        "payload": payload,
+        "reason": reason,
+        "detail": detail,
+        "ingest_time": ingest_time,
+    }
+
+
+class ParseEventFn(beam.DoFn):
+    """Bytes in; timestamped Events on the main output, dead letters on a tagged one."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._read = Metrics.counter(METRICS_NAMESPACE, "read")
+        self._valid = Metrics.counter(METRICS_NAMESPACE, "valid")
+        self._invalid = Metrics.counter(METRICS_NAMESPACE, "dead_letter")
+        self._by_reason: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        self._rules = EventRules.from_schema(schemas.event_schema())
+
+    def start_bundle(self) -> None:
+        # One clock reading per bundle: the 24 h future rule does not need more precision.
+        self._now_ms = int(self._clock() * 1000)
+
+    def process(self, payload: bytes) -> Iterable[Any]:
+        self._read.inc()
+        if isinstance(payload, str):  # e.g. a str-typed source: keep its bytes exactly
+            payload = payload.encode("utf-8", "surrogateescape")
+        try:
+            event = decode(payload, self._rules, self._now_ms)
+        except InvalidEvent as invalid:
+            self._invalid.inc()
+            self._reason_counter(invalid.reason).inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG,
+                dead_letter_row(payload, invalid.reason, invalid.detail,
+                                datetime.fromtimestamp(self._clock(), tz=timezone.utc)))
+            return
+        except Exception as unexpected:  # noqa: BLE001 - input must never crash the job
+            self._invalid.inc()
+            self._reason_counter("internal_error").inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG,
+                dead_letter_row(payload, "internal_error", repr(unexpected)[:500],
+                                datetime.fromtimestamp(self._clock(), tz=timezone.utc)))
+            return
+        self._valid.inc()
+        yield TimestampedValue(event, event.event_time_ms / 1000.0)
+
+    def _reason_counter(self, reason: str) -> Any:
+        counter = self._by_reason.get(reason)
+        if counter is None:
+            counter = Metrics.counter(METRICS_NAMESPACE, f"dead_letter.{reason}")
+            self._by_reason[reason] = counter
+        return counter
+
+
+class NumberDuplicatePayloads(beam.DoFn):
+    """Gives identical dead payloads ids -0, -1, ... so re-runs write the same rows."""
+
+    def process(self, keyed: tuple[str, Iterable[schemas.DeadLetterRow]]
+                ) -> Iterable[schemas.DeadLetterRow]:
+        _, rows = keyed
+        for occurrence, row in enumerate(sorted(rows, key=lambda r: r["reason"])):
+            yield dead_letter_row(row["payload"], row["reason"], row["detail"],
+                                  row["ingest_time"], occurrence)
+
+
+class ParseEvents(beam.PTransform):
+    """Raw payloads → (valid timestamped Events, dead-letter rows with stable ids)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 dead_letter_window_s: int = 60) -> None:
+        super().__init__()
+        self._clock = clock
+        self._dead_letter_window_s = dead_letter_window_s
+
+    def expand(self, payloads: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        parsed = payloads | "Validate" >> beam.ParDo(ParseEventFn(self._clock)).with_outputs(
+            DEAD_LETTER_TAG, main="events")
+        dead_letters = (
+            parsed[DEAD_LETTER_TAG]
+            | "WindowDeadLetters" >> beam.WindowInto(
+                beam.window.FixedWindows(self._dead_letter_window_s))
+            | "KeyByPayload" >> beam.WithKeys(lambda row: row["dead_letter_id"])
+            | "GroupSamePayload" >> beam.GroupByKey()
+            | "NumberCopies" >> beam.ParDo(NumberDuplicatePayloads())
+            | "BackToGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows()))
+        return parsed["events"], dead_letters

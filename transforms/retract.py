@@ -1,0 +1,166 @@
+"""Turn accumulating panes into a retracting changelog with revisions and a final mark.
+
+The Python SDK has no RETRACTING accumulation mode, so this stage builds it: per
+(metric, dims, granularity, window) it remembers the last row it emitted, and before
+each new value it emits that row again with sign -1. For every key and window,
+sum(sign × value) over the changelog equals the latest value.
+
+Timing is derived here rather than trusted from the runner (DESIGN.md: the
+BundleBasedDirectRunner labels late panes EARLY): once the watermark has passed the
+window end, or an ON_TIME/LATE pane was seen, every later pane is LATE. The final mark
+comes from an event-time timer at window end + allowed lateness: past it the windowing
+drops data, so the value can no longer change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Callable, Iterable
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
+
+import schemas
+from transforms.metrics import MetricPane
+
+METRICS_NAMESPACE = "clickstream"
+
+WindowKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _timestamp(dt: datetime) -> Timestamp:
+    return Timestamp(micros=int(dt.timestamp() * 1_000_000))
+
+
+def classify_timing(runner_timing: str, watermark_passed: bool, seen_on_time: bool) -> str:
+    """EARLY, ON_TIME or LATE, whatever label the runner put on the pane."""
+    if seen_on_time:
+        return "LATE"
+    if runner_timing in ("ON_TIME", "LATE"):
+        return runner_timing
+    return "ON_TIME" if watermark_passed else "EARLY"
+
+
+class _WindowState:
+    """What the changelog stage remembers per key and window (one pickled value)."""
+
+    __slots__ = ("last", "watermark_passed", "seen_on_time")
+
+    def __init__(self) -> None:
+        self.last: schemas.ChangelogRow | None = None
+        self.watermark_passed = False
+        self.seen_on_time = False
+
+
+class EmitRetractionsFn(beam.DoFn):
+    STATE = ReadModifyWriteStateSpec("window_state", PickleCoder())
+    WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
+    HORIZON = TimerSpec("horizon", TimeDomain.WATERMARK)
+
+    def __init__(self, allowed_lateness_s: int, clock: Callable[[], datetime] = _now) -> None:
+        self._allowed_lateness_s = allowed_lateness_s
+        self._clock = clock
+        self._revisions = Metrics.counter(METRICS_NAMESPACE, "changelog_revisions")
+        self._retractions = Metrics.counter(METRICS_NAMESPACE, "changelog_retractions")
+        self._finalized = Metrics.counter(METRICS_NAMESPACE, "windows_finalized")
+        self._unchanged = Metrics.counter(METRICS_NAMESPACE, "panes_unchanged")
+
+    def process(
+        self,
+        keyed: tuple[WindowKey, MetricPane],
+        state=beam.DoFn.StateParam(STATE),
+        window_end_timer=beam.DoFn.TimerParam(WINDOW_END),
+        horizon_timer=beam.DoFn.TimerParam(HORIZON),
+    ) -> Iterable[schemas.ChangelogRow]:
+        _, pane = keyed
+        current: _WindowState | None = state.read()
+        if current is None:
+            current = _WindowState()
+            end = _timestamp(pane.window_end)
+            window_end_timer.set(end)
+            horizon_timer.set(end + self._allowed_lateness_s)
+        timing = classify_timing(pane.runner_timing, current.watermark_passed,
+                                 current.seen_on_time)
+        if timing in ("ON_TIME", "LATE"):
+            current.seen_on_time = True
+        last = current.last
+        if last is not None and last["value"] == pane.value and last["timing"] == timing:
+            self._unchanged.inc()
+            state.write(current)
+            return
+        new: schemas.ChangelogRow = {
+            "metric": pane.metric,
+            "dims": pane.dims,
+            "granularity": pane.granularity,
+            "window_start": pane.window_start,
+            "window_end": pane.window_end,
+            "value": pane.value,
+            "sign": 1,
+            "revision": 1 if last is None else last["revision"] + 1,
+            "pane_index": pane.pane_index,
+            "timing": timing,
+            "is_final": False,
+            "emitted_at": self._clock(),
+        }
+        yield from self._replace(last, new)
+        current.last = new
+        state.write(current)
+
+    @on_timer(WINDOW_END)
+    def watermark_passed_window_end(self, state=beam.DoFn.StateParam(STATE)) -> None:
+        current: _WindowState | None = state.read()
+        if current is not None:
+            current.watermark_passed = True
+            state.write(current)
+
+    @on_timer(HORIZON)
+    def finalize(self, state=beam.DoFn.StateParam(STATE)
+                 ) -> Iterable[schemas.ChangelogRow]:
+        current: _WindowState | None = state.read()
+        state.clear()
+        if current is None or current.last is None:
+            return
+        last = current.last
+        final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
+            last, revision=last["revision"] + 1, is_final=True, emitted_at=self._clock())
+        self._finalized.inc()
+        yield from self._replace(last, final)
+
+    def _replace(self, last: schemas.ChangelogRow | None, new: schemas.ChangelogRow
+                 ) -> Iterable[schemas.ChangelogRow]:
+        if last is not None:
+            self._retractions.inc()
+            yield dict(last, sign=-1, emitted_at=new["emitted_at"])  # type: ignore[misc]
+        self._revisions.inc()
+        yield new
+
+
+class RetractingChangelog(beam.PTransform):
+    """MetricPanes (any windowing) → changelog rows in the global window."""
+
+    def __init__(self, allowed_lateness_s: int,
+                 clock: Callable[[], datetime] = _now) -> None:
+        super().__init__()
+        self._allowed_lateness_s = allowed_lateness_s
+        self._clock = clock
+
+    def expand(self, panes: beam.PCollection) -> beam.PCollection:
+        return (
+            panes
+            | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+            | "KeyByMetricWindow" >> beam.Map(
+                lambda p: ((p.metric, p.dims, p.granularity, p.window_start.isoformat()), p))
+            | "EmitRetractions" >> beam.ParDo(
+                EmitRetractionsFn(self._allowed_lateness_s, self._clock)))

@@ -1,0 +1,147 @@
+"""The embedded default warehouse: one DuckDB file with the contract's three tables.
+
+Writes are idempotent: the changelog and dead letter are keyed (see schemas/duckdb.sql)
+and inserted with ON CONFLICT DO NOTHING, and metric_latest only moves to a higher
+revision. Re-running the same input, or a runner retrying a bundle, leaves the same rows.
+
+DuckDB allows one writing process per file, so each bundle opens, writes in one
+transaction and closes, retrying while another worker holds the lock.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import duckdb
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+
+import schemas
+
+METRICS_NAMESPACE = "clickstream"
+LOCK_RETRY_SECONDS = 120.0
+
+
+def connect(path: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open `path`, retrying while another process holds DuckDB's file lock."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+
+def create_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(schemas.read_text("duckdb.sql"))
+
+
+def _arrow(rows: Sequence[dict], columns: Sequence[str]) -> pa.Table:
+    return pa.table({c: [row[c] for row in rows] for c in columns})
+
+
+def write_changelog(con: duckdb.DuckDBPyConnection, rows: Sequence[schemas.ChangelogRow]
+                    ) -> None:
+    con.register("changelog_batch", _arrow(rows, schemas.CHANGELOG_COLUMNS))
+    cols = ", ".join(schemas.CHANGELOG_COLUMNS)
+    con.execute(f"INSERT INTO metric_changelog ({cols}) SELECT {cols} FROM changelog_batch "
+                "ON CONFLICT DO NOTHING")
+    newest: dict[tuple, schemas.ChangelogRow] = {}
+    for row in rows:
+        if row["sign"] < 0:
+            continue
+        key = (row["metric"], row["dims"], row["granularity"], row["window_start"])
+        if key not in newest or newest[key]["revision"] < row["revision"]:
+            newest[key] = row
+    if not newest:
+        return
+    con.register("latest_batch", _arrow(list(newest.values()), schemas.LATEST_COLUMNS))
+    cols = ", ".join(schemas.LATEST_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in schemas.LATEST_COLUMNS[4:])
+    con.execute(
+        f"INSERT INTO metric_latest ({cols}) SELECT {cols} FROM latest_batch "
+        f"ON CONFLICT DO UPDATE SET {updates} "
+        "WHERE excluded.revision > metric_latest.revision")
+
+
+def write_dead_letters(con: duckdb.DuckDBPyConnection,
+                       rows: Sequence[schemas.DeadLetterRow]) -> None:
+    batch = pa.table({
+        "dead_letter_id": [r["dead_letter_id"] for r in rows],
+        "payload": pa.array([r["payload"] for r in rows], type=pa.binary()),
+        "reason": [r["reason"] for r in rows],
+        "detail": [r["detail"] for r in rows],
+        "ingest_time": [r["ingest_time"] for r in rows],
+    })
+    con.register("dead_letter_batch", batch)
+    cols = ", ".join(schemas.DEAD_LETTER_COLUMNS)
+    con.execute(f"INSERT INTO dead_letter ({cols}) SELECT {cols} FROM dead_letter_batch "
+                "ON CONFLICT DO NOTHING")
+
+
+class _WriteBundleFn(beam.DoFn):
+    """Buffers a bundle's rows and writes them in one transaction at bundle end."""
+
+    def __init__(self, path: str, table: str) -> None:
+        self._path = path
+        self._table = table
+        self._written = Metrics.counter(METRICS_NAMESPACE, f"duckdb_rows.{table}")
+
+    def setup(self) -> None:
+        con = connect(self._path)
+        try:
+            create_tables(con)
+        finally:
+            con.close()
+
+    def start_bundle(self) -> None:
+        self._rows: list[Any] = []
+
+    def process(self, row: Any) -> None:
+        self._rows.append(row)
+
+    def finish_bundle(self) -> None:
+        if not self._rows:
+            return
+        con = connect(self._path)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            if self._table == "dead_letter":
+                write_dead_letters(con, self._rows)
+            else:
+                write_changelog(con, self._rows)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+        self._written.inc(len(self._rows))
+        self._rows = []
+
+
+class WriteToDuckDB(beam.PTransform):
+    """(changelog rows, dead-letter rows) → metric_changelog, metric_latest, dead_letter."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def expand(self, outputs: tuple[beam.PCollection, beam.PCollection]) -> beam.pvalue.PDone:
+        changelog, dead_letters = outputs
+        changelog | "WriteChangelog" >> beam.ParDo(_WriteBundleFn(self._path, "changelog"))
+        dead_letters | "WriteDeadLetters" >> beam.ParDo(
+            _WriteBundleFn(self._path, "dead_letter"))
+        return beam.pvalue.PDone(changelog.pipeline)
+
+
+def read_rows(path: str, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+    con = connect(path, read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()

@@ -1,0 +1,38 @@
+"""Event-time windows of one hour or one day with early, on-time and late panes."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.transforms import trigger as triggers
+from apache_beam.transforms.window import FixedWindows, TimestampCombiner
+from apache_beam.utils.timestamp import Duration
+
+GRANULARITY_SECONDS = {"hour": 3600, "day": 86400}
+
+
+def pane_trigger(early_firing_s: int, late_firing_s: int) -> triggers.TriggerFn:
+    """Early panes every early_firing_s of processing time, one at the watermark, and
+    late panes at most every late_firing_s after late data (0: one per late bundle)."""
+    early = triggers.AfterProcessingTime(early_firing_s) if early_firing_s > 0 else None
+    late = (triggers.AfterProcessingTime(late_firing_s) if late_firing_s > 0
+            else triggers.AfterCount(1))
+    return triggers.AfterWatermark(early=early, late=late)
+
+
+class WindowByGranularity(beam.PTransform):
+    """Assigns fixed UTC windows of `granularity` with accumulating panes."""
+
+    def __init__(self, granularity: str, early_firing_s: int, late_firing_s: int,
+                 allowed_lateness_s: int) -> None:
+        super().__init__()
+        self._size_s = GRANULARITY_SECONDS[granularity]
+        self._trigger = pane_trigger(early_firing_s, late_firing_s)
+        self._allowed_lateness_s = allowed_lateness_s
+
+    def expand(self, events: beam.PCollection) -> beam.PCollection:
+        return events | beam.WindowInto(
+            FixedWindows(self._size_s),
+            trigger=self._trigger,
+            accumulation_mode=triggers.AccumulationMode.ACCUMULATING,
+            allowed_lateness=Duration(seconds=self._allowed_lateness_s),
+            timestamp_combiner=TimestampCombiner.OUTPUT_AT_EOW)
