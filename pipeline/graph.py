@@ -31,7 +31,7 @@ class ClickstreamMetrics(beam.PTransform):
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(self._clock)
         unique = events | "Dedup" >> DeduplicateEvents(
-            config.allowed_lateness_s, self._dedup_buckets)
+            config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         panes = (
             unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
             unique | "DailyMetrics" >> ComputeMetrics("day", config),

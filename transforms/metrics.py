@@ -8,6 +8,7 @@ because those are lost when the changelog stage re-windows into the global windo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Iterable, NamedTuple, Sequence
@@ -47,12 +48,13 @@ class MetricsConfig:
     distinct: str = "exact"
     hll_lg_k: int = DEFAULT_LG_K
     funnel_steps: tuple[str, ...] = DEFAULT_FUNNEL
+    bounded: bool = False
 
     def for_bounded_input(self) -> "MetricsConfig":
-        """A bounded run's watermark jumps to the end at once, so processing-time panes
-        have nothing to show (and the batch runner has no clock for them): watermark
-        and element-count triggers only."""
-        return replace(self, early_firing_s=0, late_firing_s=0)
+        """A bounded run's watermark jumps to the end at once: there are no early or
+        late panes to show, and the batch runner has no clock for processing-time
+        triggers. The default trigger also keeps combiner lifting on."""
+        return replace(self, bounded=True)
 
 
 def _utc(ts) -> datetime:
@@ -89,6 +91,11 @@ def _is_feature_use(event: Event) -> bool:
     return event.event_type == FEATURE_EVENT_TYPE and FEATURE_PROPERTY in event.properties
 
 
+@functools.lru_cache(maxsize=4096)
+def _event_type_dims(event_type: str) -> str:
+    return schemas.canonical_dims({"event_type": event_type})
+
+
 class FunnelCounts(beam.PTransform):
     """Windowed events → ((funnel_step, {step, name}), identities that reached it)."""
 
@@ -123,13 +130,12 @@ class ComputeMetrics(beam.PTransform):
         config = self._config
         windowed = events | "Window" >> WindowByGranularity(
             self._granularity, config.early_firing_s, config.late_firing_s,
-            config.allowed_lateness_s)
+            config.allowed_lateness_s, config.bounded)
         no_dims = schemas.canonical_dims({})
         metrics = [
             windowed
             | "KeyByEventType" >> beam.Map(
-                lambda e: (("events", schemas.canonical_dims({"event_type": e.event_type})),
-                           None))
+                lambda e: (("events", _event_type_dims(e.event_type)), None))
             | "CountEvents" >> beam.CombinePerKey(CountCombineFn()),
             windowed
             | "KeyIdentity" >> beam.Map(lambda e: (("active_users", no_dims), e.identity))

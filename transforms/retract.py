@@ -33,7 +33,8 @@ from transforms.metrics import MetricPane
 
 METRICS_NAMESPACE = "clickstream"
 
-WindowKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO)
+WindowKey = tuple[str, str]  # granularity, window_start (ISO)
+MetricKey = tuple[str, str]  # metric, dims
 
 
 def _now() -> datetime:
@@ -54,17 +55,23 @@ def classify_timing(runner_timing: str, watermark_passed: bool, seen_on_time: bo
 
 
 class _WindowState:
-    """What the changelog stage remembers per key and window (one pickled value)."""
+    """What the changelog stage remembers per window, for all its metrics and dims."""
 
-    __slots__ = ("last", "watermark_passed", "seen_on_time")
+    __slots__ = ("last", "seen_on_time", "watermark_passed")
 
     def __init__(self) -> None:
-        self.last: schemas.ChangelogRow | None = None
+        self.last: dict[MetricKey, schemas.ChangelogRow] = {}
+        self.seen_on_time: set[MetricKey] = set()
         self.watermark_passed = False
-        self.seen_on_time = False
 
 
 class EmitRetractionsFn(beam.DoFn):
+    """Per window: a -old/+new pair for each changed value, then a final revision.
+
+    Keyed by window rather than by (metric, dims, window): the SDK's state cost is per
+    key per bundle, and a window's metrics fire together.
+    """
+
     STATE = ReadModifyWriteStateSpec("window_state", PickleCoder())
     WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
     HORIZON = TimerSpec("horizon", TimeDomain.WATERMARK)
@@ -91,11 +98,12 @@ class EmitRetractionsFn(beam.DoFn):
             end = _timestamp(pane.window_end)
             window_end_timer.set(end)
             horizon_timer.set(end + self._allowed_lateness_s)
+        key = (pane.metric, pane.dims)
         timing = classify_timing(pane.runner_timing, current.watermark_passed,
-                                 current.seen_on_time)
+                                 key in current.seen_on_time)
         if timing in ("ON_TIME", "LATE"):
-            current.seen_on_time = True
-        last = current.last
+            current.seen_on_time.add(key)
+        last = current.last.get(key)
         if last is not None and last["value"] == pane.value and last["timing"] == timing:
             self._unchanged.inc()
             state.write(current)
@@ -115,7 +123,7 @@ class EmitRetractionsFn(beam.DoFn):
             "emitted_at": self._clock(),
         }
         yield from self._replace(last, new)
-        current.last = new
+        current.last[key] = new
         state.write(current)
 
     @on_timer(WINDOW_END)
@@ -130,13 +138,14 @@ class EmitRetractionsFn(beam.DoFn):
                  ) -> Iterable[schemas.ChangelogRow]:
         current: _WindowState | None = state.read()
         state.clear()
-        if current is None or current.last is None:
+        if current is None:
             return
-        last = current.last
-        final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
-            last, revision=last["revision"] + 1, is_final=True, emitted_at=self._clock())
-        self._finalized.inc()
-        yield from self._replace(last, final)
+        emitted_at = self._clock()
+        for last in current.last.values():
+            final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
+                last, revision=last["revision"] + 1, is_final=True, emitted_at=emitted_at)
+            self._finalized.inc()
+            yield from self._replace(last, final)
 
     def _replace(self, last: schemas.ChangelogRow | None, new: schemas.ChangelogRow
                  ) -> Iterable[schemas.ChangelogRow]:
@@ -160,7 +169,7 @@ class RetractingChangelog(beam.PTransform):
         return (
             panes
             | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
-            | "KeyByMetricWindow" >> beam.Map(
-                lambda p: ((p.metric, p.dims, p.granularity, p.window_start.isoformat()), p))
+            | "KeyByWindow" >> beam.Map(
+                lambda p: ((p.granularity, p.window_start.isoformat()), p))
             | "EmitRetractions" >> beam.ParDo(
                 EmitRetractionsFn(self._allowed_lateness_s, self._clock)))

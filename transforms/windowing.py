@@ -10,9 +10,18 @@ from apache_beam.utils.timestamp import Duration
 GRANULARITY_SECONDS = {"hour": 3600, "day": 86400}
 
 
-def pane_trigger(early_firing_s: int, late_firing_s: int) -> triggers.TriggerFn:
+def pane_trigger(early_firing_s: int, late_firing_s: int, bounded: bool = False
+                 ) -> triggers.TriggerFn:
     """Early panes every early_firing_s of processing time, one at the watermark, and
-    late panes at most every late_firing_s after late data (0: one per late bundle)."""
+    late panes at most every late_firing_s after late data (0: one per late bundle).
+
+    Bounded input gets the default trigger: one pane at the end. Beam's runners only
+    lift a combine ahead of the shuffle when every sub-trigger allows it, and an absent
+    early trigger does not, so a batch run with AfterWatermark would shuffle every
+    element instead of per-bundle partial aggregates (measured: ~10x slower).
+    """
+    if bounded:
+        return triggers.DefaultTrigger()
     early = triggers.AfterProcessingTime(early_firing_s) if early_firing_s > 0 else None
     late = (triggers.AfterProcessingTime(late_firing_s) if late_firing_s > 0
             else triggers.AfterCount(1))
@@ -23,10 +32,10 @@ class WindowByGranularity(beam.PTransform):
     """Assigns fixed UTC windows of `granularity` with accumulating panes."""
 
     def __init__(self, granularity: str, early_firing_s: int, late_firing_s: int,
-                 allowed_lateness_s: int) -> None:
+                 allowed_lateness_s: int, bounded: bool = False) -> None:
         super().__init__()
         self._size_s = GRANULARITY_SECONDS[granularity]
-        self._trigger = pane_trigger(early_firing_s, late_firing_s)
+        self._trigger = pane_trigger(early_firing_s, late_firing_s, bounded)
         self._allowed_lateness_s = allowed_lateness_s
 
     def expand(self, events: beam.PCollection) -> beam.PCollection:

@@ -1,0 +1,31 @@
+"""Compare what a sink holds with the oracle's exact answer."""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+from pipeline.oracle import MetricKey
+from transforms.sink_duckdb import read_rows
+
+
+def latest_from_duckdb(path: str) -> dict[MetricKey, int]:
+    rows = read_rows(path, "SELECT metric, dims, granularity, window_start, value "
+                           "FROM metric_latest")
+    return {(m, d, g, w.astimezone(timezone.utc).isoformat()): v for m, d, g, w, v in rows}
+
+
+def differences(actual: dict[MetricKey, int], expected: dict[MetricKey, int],
+                relative_tolerance: dict[str, float] | None = None) -> list[str]:
+    """Human-readable differences; metrics named in relative_tolerance may differ by
+    at most that fraction (HLL estimates), every other metric must be exact."""
+    tolerance = relative_tolerance or {}
+    problems = []
+    for key in sorted(set(actual) | set(expected)):
+        got, want = actual.get(key), expected.get(key)
+        if got is None or want is None:
+            problems.append(f"{key}: pipeline={got} oracle={want}")
+            continue
+        allowed = tolerance.get(key[0], 0.0) * want
+        if abs(got - want) > allowed:
+            problems.append(f"{key}: pipeline={got} oracle={want}")
+    return problems
