@@ -31,13 +31,14 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def _replay(argv: Sequence[str]) -> int:
-    from pipeline.replay import run_replay
+    from pipeline.replay import replay_reconciliation, run_replay
     from pipeline.report import print_report
 
+    duckdb_path = _flag(argv, "--duckdb_path", "clickstream.duckdb")
     summary = run_replay(argv)
-    print(summary.render())
-    print_report(_flag(argv, "--duckdb_path", "clickstream.duckdb"), changelog=True)
-    return 0 if summary.reconciles else 1
+    print(replay_reconciliation(duckdb_path, summary))
+    print_report(duckdb_path, changelog=True)
+    return 0
 
 
 def _flag(argv: Sequence[str], name: str, default: str) -> str:

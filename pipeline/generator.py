@@ -156,7 +156,9 @@ class ClickstreamGenerator:
     def _arrival_delay_ms(self) -> int:
         c, r = self.config, self.rng.random()
         if r < c.too_late_rate:
-            return c.allowed_lateness_s * 1000 + DAY_MS + self.rng.randint(0, DAY_MS)
+            # A full day clear of the lateness horizon, so that whether an event is
+            # too late never depends on how far a runner's watermark lags.
+            return c.allowed_lateness_s * 1000 + 2 * DAY_MS + self.rng.randint(0, DAY_MS)
         if r < c.too_late_rate + c.late_days_rate:
             return self.rng.randint(DAY_MS, 2 * DAY_MS)
         if r < c.too_late_rate + c.late_days_rate + c.late_hours_rate:
@@ -172,11 +174,12 @@ class ClickstreamGenerator:
         while len(lines) < c.events:
             session = next(sessions)
             delay = self._arrival_delay_ms()
-            # A too-late device syncs events of a day that closed long ago.
-            shift = -(delay // DAY_MS) * DAY_MS if delay > DAY_MS else 0
+            # Hours late: the session arrives after its time. Days late: a device that
+            # was offline syncs, during the simulated day, a session from days before.
+            offline = delay > DAY_MS
             for event_type, t, fields in session:
-                event_time = t + shift
-                arrival = t + delay + rng.randint(0, 500)
+                event_time = t - delay if offline else t
+                arrival = (t if offline else t + delay) + rng.randint(0, 500)
                 record = {"event_id": self._event_id(), "event_type": event_type,
                           "event_time": self._format_time(event_time)}
                 record.update({k: v for k, v in fields.items() if k != "feature"})

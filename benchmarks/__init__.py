@@ -1,0 +1,1 @@
+"""Benchmarks of the clickstream graph (`python -m benchmarks.run --help`)."""
