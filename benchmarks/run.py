@@ -16,6 +16,7 @@ Exit status 1 if any run failed or disagreed with the oracle.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -67,26 +68,40 @@ def _clock(seconds: float) -> str:
 
 # --- datasets -----------------------------------------------------------------------
 
+def _generator_fingerprint(config: Any) -> str:
+    """Changes when the generator, the oracle, the funnel or the config change, so a
+    cached dataset is never one an older generator made."""
+    from pipeline import generator, oracle
+    from transforms.metrics import DEFAULT_FUNNEL
+
+    digest = hashlib.sha256()
+    for module in (generator, oracle):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    digest.update(json.dumps([config.__dict__, list(DEFAULT_FUNNEL)], sort_keys=True).encode())
+    return digest.hexdigest()[:10]
+
+
 def dataset(cache_dir: Path, events: int, seed: int) -> Path:
-    """The generated dataset for (events, seed), made once and reused."""
-    target = cache_dir / f"events-{events}-seed-{seed}"
-    expected = target / "expected.json"
-    if expected.exists():
-        with open(expected) as f:
-            config = json.load(f)["config"]
-        if config.get("events") == events and config.get("seed") == seed:
-            say(f"dataset {events:,} events (seed {seed}): cached in {target}")
-            return target
-        shutil.rmtree(target)
+    """The generated dataset for (events, seed), made once per generator version."""
     from pipeline.generator import GeneratorConfig, write_dataset
 
+    config = GeneratorConfig(events=events, seed=seed)
+    target = cache_dir / f"events-{events}-seed-{seed}-{_generator_fingerprint(config)}"
+    if (target / "expected.json").exists():
+        say(f"dataset {events:,} events (seed {seed}): cached in {target}")
+        return target
     say(f"dataset {events:,} events (seed {seed}): generating into {target} ...")
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     partial = Path(tempfile.mkdtemp(prefix=f".events-{events}-", dir=cache_dir))
     try:
-        counts = write_dataset(str(partial), GeneratorConfig(events=events, seed=seed))
-        partial.rename(target)
+        counts = write_dataset(str(partial), config)
+        try:
+            partial.rename(target)
+        except OSError:  # another benchmark finished the same dataset first
+            if not (target / "expected.json").exists():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -108,6 +123,18 @@ def _forward(stream: TextIO, prefix: str, log: TextIO, tail: list[str]) -> None:
         text = line.rstrip()
         if " progress: " in text or "ERROR" in text or "Traceback" in text:
             say(f"{prefix}   {text.split(' INFO ', 1)[-1]}")
+
+
+def _rss_mib(pid: int) -> float | None:
+    """Current resident set of a process (Linux /proc), for the progress lines."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: float,
@@ -144,7 +171,9 @@ def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: 
                         child.wait(timeout=heartbeat_s)
                         break
                     except subprocess.TimeoutExpired:
-                        say(f"{prefix} running, {_clock(time.monotonic() - started)} elapsed")
+                        rss = _rss_mib(child.pid)
+                        say(f"{prefix} running, {_clock(time.monotonic() - started)} elapsed"
+                            + (f", RSS {rss:,.0f} MiB" if rss is not None else ""))
             except BaseException:
                 child.terminate()
                 child.wait()
