@@ -10,7 +10,6 @@ baseline.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 
 import apache_beam as beam
@@ -21,9 +20,7 @@ from apache_beam.utils.timestamp import Duration
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
 from transforms.events import Event
-from transforms.metrics import ComputeMetrics, MetricsConfig
-from transforms.parse import METRICS_NAMESPACE, ParseEvents
-from transforms.retract import RetractingChangelog
+from transforms.parse import METRICS_NAMESPACE
 from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles
 
@@ -72,45 +69,12 @@ class BeamDeduplicatePerKey(beam.PTransform):
             | "CountUnique" >> beam.ParDo(_CountFn(UNIQUE_COUNTER)).with_output_types(Event))
 
 
-def graph_has_dedup_hook() -> bool:
-    """Whether ClickstreamMetrics takes a `dedup` PTransform (the proposed hook)."""
-    return "dedup" in inspect.signature(ClickstreamMetrics.__init__).parameters
-
-
-class _ClickstreamMetricsWithDedup(beam.PTransform):
-    """Fallback while pipeline/graph.py has no `dedup` hook: the same stages in the same
-    order and with the same labels as ClickstreamMetrics.expand, dedup swapped."""
-
-    def __init__(self, config: MetricsConfig, dedup: beam.PTransform) -> None:
-        super().__init__()
-        self._config = config
-        self._dedup = dedup
-
-    def expand(self, payloads: beam.PCollection
-               ) -> tuple[beam.PCollection, beam.PCollection]:
-        config = self._config
-        events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents()
-        unique = events | "Dedup" >> self._dedup
-        panes = (
-            unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
-            unique | "DailyMetrics" >> ComputeMetrics("day", config),
-        ) | "AllPanes" >> beam.Flatten()
-        changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s)
-        return changelog, dead_letters
-
-
-def clickstream_with_dedup(config: MetricsConfig, dedup: beam.PTransform) -> beam.PTransform:
-    if graph_has_dedup_hook():
-        return ClickstreamMetrics(config, dedup=dedup)  # type: ignore[call-arg]
-    return _ClickstreamMetricsWithDedup(config, dedup)
-
-
 def build_baseline(p: beam.Pipeline, options: ClickstreamOptions) -> None:
     """pipeline.job.build with dedup replaced by Beam's DeduplicatePerKey."""
     if not options.input_files:
         raise SystemExit("--input_files is required")
     config = options.metrics_config().for_bounded_input()
     payloads = p | "ReadFiles" >> ReadEventFiles(options.input_files)
-    changelog, dead_letters = payloads | "Clickstream" >> clickstream_with_dedup(
-        config, BeamDeduplicatePerKey(config.allowed_lateness_s))
+    changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
+        config, dedup=BeamDeduplicatePerKey(config.allowed_lateness_s))
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)

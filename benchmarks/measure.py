@@ -30,7 +30,7 @@ from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
 from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
 from apache_beam.runners.portability.prism_runner import PrismRunner
 
-from benchmarks.baseline import DEDUP_INPUT_COUNTER, build_baseline, graph_has_dedup_hook
+from benchmarks.baseline import DEDUP_INPUT_COUNTER, build_baseline
 from pipeline import job, oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.options import ClickstreamOptions
@@ -170,7 +170,6 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
         "runners_tried": list(_runners_used),
         "dedup": ("transforms.dedup.DeduplicateEvents" if mode == "graph" else
                   "apache_beam.transforms.deduplicate.DeduplicatePerKey"),
-        "baseline_via_graph_hook": graph_has_dedup_hook() if mode == "baseline" else None,
         "profiled": bool(profiler),
         "state": summary.state,
         "events_read": read,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 from pipeline.oracle import MetricKey
 from transforms.sink_duckdb import read_rows
@@ -11,7 +11,7 @@ from transforms.sink_duckdb import read_rows
 def latest_from_duckdb(path: str) -> dict[MetricKey, int]:
     rows = read_rows(path, "SELECT metric, dims, granularity, window_start, value "
                            "FROM metric_latest")
-    return {(m, d, g, w.astimezone(timezone.utc).isoformat()): v for m, d, g, w, v in rows}
+    return {(m, d, g, w.astimezone(UTC).isoformat()): v for m, d, g, w, v in rows}
 
 
 def differences(actual: dict[MetricKey, int], expected: dict[MetricKey, int],

@@ -16,9 +16,9 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 
 from pipeline import oracle
 from transforms.metrics import DEFAULT_FUNNEL
@@ -85,7 +85,7 @@ class ClickstreamGenerator:
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
-        day = datetime.fromisoformat(config.date).replace(tzinfo=timezone.utc)
+        day = datetime.fromisoformat(config.date).replace(tzinfo=UTC)
         self.day_start_ms = int(day.timestamp() * 1000)
         n_users = max(10, config.events // 25)
         self.users = [f"u{self.rng.getrandbits(40):010x}" for _ in range(n_users)]
@@ -111,7 +111,7 @@ class ClickstreamGenerator:
         choice = self.rng.random()
         if choice < 0.3:
             return ms
-        dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+        dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
         if choice < 0.8:
             return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         offset = timedelta(hours=self.rng.choice((-8, -5, 1, 2, 5.5, 9)))
@@ -196,7 +196,7 @@ class ClickstreamGenerator:
                 lines.append(_Line(arrival, payload))
                 user = fields.get("user_id")
                 truth.append(oracle.TruthEvent(
-                    record["event_id"], event_type, event_time,
+                    str(record["event_id"]), event_type, event_time,
                     user if user else "device:" + fields["device_id"],
                     fields.get("feature"), arrival))
                 if rng.random() < c.duplicate_rate:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import apache_beam as beam
 
@@ -17,21 +17,27 @@ class ClickstreamMetrics(beam.PTransform):
     """Raw payloads → (retracting changelog rows, dead-letter rows).
 
     parse+validate → dedup(event_id) → hour & day windows → metrics → retractions
+
+    `dedup` replaces the dedup stage (Events → unique Events, timestamps kept), e.g. to
+    benchmark another implementation; by default it is DeduplicateEvents.
     """
 
     def __init__(self, config: MetricsConfig, dedup_buckets: int = 256,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 dedup: beam.PTransform | None = None) -> None:
         super().__init__()
         self._config = config
         self._dedup_buckets = dedup_buckets
         self._clock = clock
+        self._dedup = dedup
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(self._clock)
-        unique = events | "Dedup" >> DeduplicateEvents(
+        dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
+        unique = events | "Dedup" >> dedup
         panes = (
             unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
             unique | "DailyMetrics" >> ComputeMetrics("day", config),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -83,7 +83,7 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
     while not stop.wait(every_s):
         try:
             read = counters_of(result).get("read", 0)
-        except Exception:  # noqa: BLE001 - progress is best effort
+        except Exception:
             continue
         elapsed = time.monotonic() - started
         log.info("progress: %s s, %s events read (%s/s)", f"{elapsed:.0f}", f"{read:,}",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -31,7 +31,7 @@ class TruthEvent:
         return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, line: str) -> "TruthEvent":
+    def from_json(cls, line: str) -> TruthEvent:
         return cls(**json.loads(line))
 
 
@@ -40,7 +40,7 @@ def _dims(**dims: str) -> str:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat()
 
 
 MetricKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO)

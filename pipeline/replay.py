@@ -12,7 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -54,7 +54,7 @@ def read_arrivals(replay_dir: str, limit: int = 0) -> list[tuple[int, bytes]]:
             lines.extend(line.rstrip(b"\n") for line in f)
     with open(os.path.join(replay_dir, "arrival_ms.txt")) as f:
         arrivals = [int(x) for x in f]
-    records = list(zip(arrivals, lines))
+    records = list(zip(arrivals, lines, strict=False))
     return records[:limit] if limit else records
 
 

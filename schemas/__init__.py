@@ -7,9 +7,10 @@ and sinks agree without importing each other.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from importlib import resources
-from typing import Any, Mapping, TypedDict
+from typing import Any, TypedDict
 
 GRANULARITIES = ("hour", "day")
 TIMINGS = ("EARLY", "ON_TIME", "LATE")

@@ -93,8 +93,8 @@ class CountWithTimer(beam.DoFn):
     def process(
         self,
         element: tuple[str, int],
-        count: Any = beam.DoFn.StateParam(COUNT),  # noqa: B008
-        flush: Any = beam.DoFn.TimerParam(FLUSH),  # noqa: B008
+        count: Any = beam.DoFn.StateParam(COUNT),
+        flush: Any = beam.DoFn.TimerParam(FLUSH),
     ) -> Iterator[tuple[str, int]]:
         n = count.read() or 0
         if n == 0:
@@ -106,7 +106,7 @@ class CountWithTimer(beam.DoFn):
     def on_flush(
         self,
         key: Any = beam.DoFn.KeyParam,
-        count: Any = beam.DoFn.StateParam(COUNT),  # noqa: B008
+        count: Any = beam.DoFn.StateParam(COUNT),
     ) -> Iterator[tuple[str, int]]:
         yield f"timer:{key}", count.read() or 0
         count.clear()
@@ -376,7 +376,7 @@ def main() -> int:
             start = time.monotonic()
             try:
                 summary[runner][part] = fn(argv, out_dir)
-            except Exception as exc:  # noqa: BLE001 - report, go on with the next runner
+            except Exception as exc:
                 traceback.print_exc()
                 summary[runner][part] = {
                     "ok": False,

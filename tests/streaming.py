@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -14,7 +14,7 @@ from apache_beam.testing.test_stream import TestStream
 from pipeline.graph import ClickstreamMetrics
 from transforms.metrics import MetricsConfig
 
-DAY = datetime(2026, 11, 1, tzinfo=timezone.utc)
+DAY = datetime(2026, 11, 1, tzinfo=UTC)
 _COLLECTED: dict[str, list[Any]] = {}
 
 
@@ -58,7 +58,7 @@ def run_stream(stream: TestStream, config: MetricsConfig | None = None
 
 def rows_for(changelog: list[dict], metric: str, granularity: str, window_start: float,
              dims: str | None = None) -> list[dict]:
-    start = datetime.fromtimestamp(window_start, tz=timezone.utc)
+    start = datetime.fromtimestamp(window_start, tz=UTC)
     rows = [r for r in changelog if r["metric"] == metric and r["granularity"] == granularity
             and r["window_start"] == start and (dims is None or r["dims"] == dims)]
     return sorted(rows, key=lambda r: (r["revision"], r["sign"]))

@@ -7,6 +7,7 @@ late trigger this runner stalls ("Monitor task detected a pipeline stall", DESIG
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import pytest
@@ -77,7 +78,7 @@ def test_each_new_revision_is_preceded_by_the_retraction_of_the_previous(
         rows.sort(key=lambda r: (r["emitted_at"], r["sign"]))
         positives = [r for r in rows if r["sign"] > 0]
         assert [r["revision"] for r in positives] == list(range(1, len(positives) + 1))
-        for previous, current in zip(positives, positives[1:]):
+        for previous, current in itertools.pairwise(positives):
             retraction = [r for r in rows if r["sign"] < 0
                           and r["revision"] == previous["revision"]]
             assert len(retraction) == 1
@@ -113,7 +114,7 @@ def test_data_past_the_allowed_lateness_is_dropped_from_expired_windows_only(
 
     def final(metric: str, granularity: str, start: float, dims: str | None = None) -> int:
         rows = rows_for(changelog, metric, granularity, start, dims)
-        return [r["value"] for r in rows if r["sign"] > 0 and r["is_final"]][0]
+        return next(r["value"] for r in rows if r["sign"] > 0 and r["is_final"])
 
     assert final("events", "hour", at(10), PAGE_VIEWS) == 4
     assert final("active_users", "hour", at(10)) == 2   # u1, u2; not u3

@@ -13,18 +13,18 @@ copy can be counted again after that), while the bucket stays one compact value.
 from __future__ import annotations
 
 import zlib
-from typing import Iterable, Tuple
+from collections.abc import Iterable
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger as triggers
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     ReadModifyWriteStateSpec,
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms import trigger as triggers
 from apache_beam.transforms.window import GlobalWindows, TimestampCombiner, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
@@ -117,7 +117,7 @@ class DeduplicateEvents(beam.PTransform):
     def expand(self, events: beam.PCollection) -> beam.PCollection:
         buckets = self._buckets
         keyed = events | "KeyByIdBucket" >> beam.Map(
-            lambda e: (id_bucket(e.event_id, buckets), e)).with_output_types(Tuple[int, Event])
+            lambda e: (id_bucket(e.event_id, buckets), e)).with_output_types(tuple[int, Event])
         if not self._bounded:
             # Bounded input keeps the source's default global windowing: only that lets
             # the batch runner group without its per-element trigger machinery.

@@ -7,7 +7,7 @@ few KiB however many identities it sees, at a relative standard error of about
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import apache_beam as beam
 import datasketches
@@ -32,7 +32,7 @@ class _Sketch:
         return _Sketch._restore, (self.sketch.serialize_compact(),)
 
     @staticmethod
-    def _restore(data: bytes) -> "_Sketch":
+    def _restore(data: bytes) -> _Sketch:
         return _Sketch(datasketches.hll_sketch.deserialize(data))
 
 
@@ -81,7 +81,7 @@ class HllDistinctFn(beam.CombineFn):
         return _Sketch(union.get_result(datasketches.tgt_hll_type.HLL_8))
 
     def extract_output(self, acc: _Sketch) -> int:
-        return int(round(acc.sketch.get_estimate()))
+        return round(acc.sketch.get_estimate())
 
 
 def distinct_count_fn(mode: str, lg_k: int = DEFAULT_LG_K) -> beam.CombineFn:

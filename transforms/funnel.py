@@ -7,7 +7,7 @@ greedily finds the longest such prefix.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 

@@ -9,9 +9,10 @@ because those are lost when the changelog stage re-windows into the global windo
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
-from typing import Iterable, NamedTuple, Sequence
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.combiners import CountCombineFn
@@ -50,7 +51,7 @@ class MetricsConfig:
     funnel_steps: tuple[str, ...] = DEFAULT_FUNNEL
     bounded: bool = False
 
-    def for_bounded_input(self) -> "MetricsConfig":
+    def for_bounded_input(self) -> MetricsConfig:
         """A bounded run's watermark jumps to the end at once: there are no early or
         late panes to show, and the batch runner has no clock for processing-time
         triggers. The default trigger also keeps combiner lifting on."""
@@ -58,7 +59,7 @@ class MetricsConfig:
 
 
 def _utc(ts) -> datetime:
-    return datetime.fromtimestamp(ts.micros / 1e6, tz=timezone.utc)
+    return datetime.fromtimestamp(ts.micros / 1e6, tz=UTC)
 
 
 class ToMetricPaneFn(beam.DoFn):
@@ -108,7 +109,7 @@ class FunnelCounts(beam.PTransform):
         keys = [("funnel_step", schemas.canonical_dims(d)) for d in funnel_dims(self._steps)]
 
         def per_step(counts: list[int]) -> list[tuple[MetricKey, int]]:
-            return list(zip(keys, counts))
+            return list(zip(keys, counts, strict=False))
 
         return (
             events

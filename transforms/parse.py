@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
 
 import schemas
 from transforms.events import Event
@@ -63,7 +64,7 @@ class EventRules:
     string_rules: tuple[tuple[str, bool, int, int, re.Pattern | None], ...]
 
     @classmethod
-    def from_schema(cls, schema: dict) -> "EventRules":
+    def from_schema(cls, schema: dict) -> EventRules:
         rules = []
         min_ms = 0
         max_ahead_s = 0
@@ -227,15 +228,15 @@ class ParseEventFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTER_TAG,
                 dead_letter_row(payload, invalid.reason, invalid.detail,
-                                datetime.fromtimestamp(self._clock(), tz=timezone.utc)))
+                                datetime.fromtimestamp(self._clock(), tz=UTC)))
             return
-        except Exception as unexpected:  # noqa: BLE001 - input must never crash the job
+        except Exception as unexpected:
             self._invalid.inc()
             self._reason_counter("internal_error").inc()
             yield beam.pvalue.TaggedOutput(
                 DEAD_LETTER_TAG,
                 dead_letter_row(payload, "internal_error", repr(unexpected)[:500],
-                                datetime.fromtimestamp(self._clock(), tz=timezone.utc)))
+                                datetime.fromtimestamp(self._clock(), tz=UTC)))
             return
         self._valid.inc()
         yield TimestampedValue(event, event.event_time_ms / 1000.0)
@@ -274,9 +275,9 @@ class ParseEvents(beam.PTransform):
         dead_letters = (
             parsed[DEAD_LETTER_TAG]
             | "WindowDeadLetters" >> beam.WindowInto(
-                beam.window.FixedWindows(self._dead_letter_window_s))
+                FixedWindows(self._dead_letter_window_s))
             | "KeyByPayload" >> beam.WithKeys(lambda row: row["dead_letter_id"])
             | "GroupSamePayload" >> beam.GroupByKey()
             | "NumberCopies" >> beam.ParDo(NumberDuplicatePayloads())
-            | "BackToGlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows()))
+            | "BackToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
         return parsed["events"], dead_letters

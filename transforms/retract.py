@@ -14,8 +14,8 @@ drops data, so the value can no longer change.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -26,6 +26,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
 import schemas
@@ -38,7 +39,7 @@ MetricKey = tuple[str, str]  # metric, dims
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _timestamp(dt: datetime) -> Timestamp:
@@ -168,7 +169,7 @@ class RetractingChangelog(beam.PTransform):
     def expand(self, panes: beam.PCollection) -> beam.PCollection:
         return (
             panes
-            | "GlobalWindow" >> beam.WindowInto(beam.window.GlobalWindows())
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
             | "KeyByWindow" >> beam.Map(
                 lambda p: ((p.granularity, p.window_start.isoformat()), p))
             | "EmitRetractions" >> beam.ParDo(

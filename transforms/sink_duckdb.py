@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import apache_beam as beam
 import duckdb
@@ -43,7 +44,7 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(schemas.read_text("duckdb.sql"))
 
 
-def _arrow(rows: Sequence[dict], columns: Sequence[str]) -> pa.Table:
+def _arrow(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Table:
     return pa.table({c: [row[c] for row in rows] for c in columns})
 
 
