@@ -2,7 +2,7 @@
 """Run the bounded clickstream job on Prism and print its summary as JSON (last line).
 
 Not a pytest module: tests/test_runner_prism.py runs it in a child process, inside a
-private network namespace (see ``isolated_command``), because Prism's job service
+private network namespace (see ``isolation_prefix`` there), because Prism's job service
 listens on ":port" (every interface; Prism 2.77 has no bind-host flag) and Beam's
 LOOPBACK worker pool on "[::]:port". In the namespace only loopback is up, so nothing
 the job starts can be reached from outside this machine.

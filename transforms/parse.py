@@ -215,9 +215,17 @@ class ParseEventFn(beam.DoFn):
     def start_bundle(self) -> None:
         # One clock reading per bundle: the 24 h future rule does not need more precision.
         self._now_ms = int(self._clock() * 1000)
+        # Counted locally and flushed per bundle: a Beam counter call per element was a
+        # measurable share of parsing.
+        self._read_n = self._valid_n = 0
+
+    def finish_bundle(self) -> None:
+        self._read.inc(self._read_n)
+        self._valid.inc(self._valid_n)
+        self._read_n = self._valid_n = 0
 
     def process(self, payload: bytes) -> Iterable[Any]:
-        self._read.inc()
+        self._read_n += 1
         if isinstance(payload, str):  # e.g. a str-typed source: keep its bytes exactly
             payload = payload.encode("utf-8", "surrogateescape")
         try:
@@ -238,7 +246,7 @@ class ParseEventFn(beam.DoFn):
                 dead_letter_row(payload, "internal_error", repr(unexpected)[:500],
                                 datetime.fromtimestamp(self._clock(), tz=UTC)))
             return
-        self._valid.inc()
+        self._valid_n += 1
         yield TimestampedValue(event, event.event_time_ms / 1000.0)
 
     def _reason_counter(self, reason: str) -> Any:

@@ -84,6 +84,7 @@ class EmitRetractionsFn(beam.DoFn):
         self._retractions = Metrics.counter(METRICS_NAMESPACE, "changelog_retractions")
         self._finalized = Metrics.counter(METRICS_NAMESPACE, "windows_finalized")
         self._unchanged = Metrics.counter(METRICS_NAMESPACE, "panes_unchanged")
+        self._out_of_order = Metrics.counter(METRICS_NAMESPACE, "panes_out_of_order")
 
     def process(
         self,
@@ -100,12 +101,21 @@ class EmitRetractionsFn(beam.DoFn):
             window_end_timer.set(end)
             horizon_timer.set(end + self._allowed_lateness_s)
         key = (pane.metric, pane.dims)
+        last = current.last.get(key)
+        if last is not None and pane.pane_index < last["pane_index"]:
+            # Once re-windowed, a window's panes may arrive in any order (Prism reorders
+            # them). Panes accumulate, so an older one has nothing new, and emitting it
+            # would move the value back.
+            self._out_of_order.inc()
+            return
         timing = classify_timing(pane.runner_timing, current.watermark_passed,
                                  key in current.seen_on_time)
         if timing in ("ON_TIME", "LATE"):
             current.seen_on_time.add(key)
-        last = current.last.get(key)
-        if last is not None and last["value"] == pane.value and last["timing"] == timing:
+        if last is not None and last["value"] == pane.value and (
+                last["timing"] == timing or timing == "LATE"):
+            # Nothing new for consumers: same value, and not the first on-time pane.
+            # (Prism closes a bounded window with a LATE pane repeating the on-time one.)
             self._unchanged.inc()
             state.write(current)
             return

@@ -11,6 +11,7 @@ transaction and closes, retrying while another worker holds the lock.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,11 @@ import schemas
 
 METRICS_NAMESPACE = "clickstream"
 LOCK_RETRY_SECONDS = 120.0
+# DuckDB's Python client fails with concurrent connections to one file from several
+# threads of a process (catalog write-write conflict on CREATE, "python_arrow_scan does
+# not exist" on registered Arrow tables), and runners run bundles on threads: every
+# connection this module opens for writing is used under this lock.
+_PROCESS_LOCK = threading.Lock()
 
 
 def connect(path: str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -96,11 +102,12 @@ class _WriteBundleFn(beam.DoFn):
         self._written = Metrics.counter(METRICS_NAMESPACE, f"duckdb_rows.{table}")
 
     def setup(self) -> None:
-        con = connect(self._path)
-        try:
-            create_tables(con)
-        finally:
-            con.close()
+        with _PROCESS_LOCK:
+            con = connect(self._path)
+            try:
+                create_tables(con)
+            finally:
+                con.close()
 
     def start_bundle(self) -> None:
         self._rows: list[Any] = []
@@ -111,16 +118,17 @@ class _WriteBundleFn(beam.DoFn):
     def finish_bundle(self) -> None:
         if not self._rows:
             return
-        con = connect(self._path)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            if self._table == "dead_letter":
-                write_dead_letters(con, self._rows)
-            else:
-                write_changelog(con, self._rows)
-            con.execute("COMMIT")
-        finally:
-            con.close()
+        with _PROCESS_LOCK:
+            con = connect(self._path)
+            try:
+                con.execute("BEGIN TRANSACTION")
+                if self._table == "dead_letter":
+                    write_dead_letters(con, self._rows)
+                else:
+                    write_changelog(con, self._rows)
+                con.execute("COMMIT")
+            finally:
+                con.close()
         self._written.inc(len(self._rows))
         self._rows = []
 
