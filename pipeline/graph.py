@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import apache_beam as beam
 
-from transforms.dedup import DeduplicateEvents
+from transforms.dedup import DEFAULT_BUCKETS, DeduplicateEvents
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
 from transforms.retract import RetractingChangelog
@@ -22,7 +22,7 @@ class ClickstreamMetrics(beam.PTransform):
     benchmark another implementation; by default it is DeduplicateEvents.
     """
 
-    def __init__(self, config: MetricsConfig, dedup_buckets: int = 256,
+    def __init__(self, config: MetricsConfig, dedup_buckets: int = DEFAULT_BUCKETS,
                  clock: Callable[[], float] = time.time,
                  dedup: beam.PTransform | None = None) -> None:
         super().__init__()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
 
@@ -34,7 +35,7 @@ class ClickstreamOptions(PipelineOptions):
                                 "late pane (0: a pane per late bundle).")
         group.add_argument("--funnel_steps", default=",".join(DEFAULT_FUNNEL),
                            help="Comma-separated event types of the funnel, in order.")
-        group.add_argument("--dedup_buckets", type=int, default=256,
+        group.add_argument("--dedup_buckets", type=int, default=DEFAULT_BUCKETS,
                            help="Hash buckets of event_id for dedup state; raise it so "
                                 "each bucket-day holds at most ~100k ids.")
 

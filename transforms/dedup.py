@@ -41,6 +41,10 @@ from transforms.events import Event, decode_events, encode_events
 
 METRICS_NAMESPACE = "clickstream"
 DAY_MS = 86_400_000
+# Few keys: the SDK's state cache walks all loaded modules (~5 ms) for every key it
+# caches per bundle, so a bundle's fixed cost is about buckets × 5 ms. Raise it when a
+# bucket-day would hold more than a few hundred thousand ids.
+DEFAULT_BUCKETS = 32
 
 class SeenIds(dict, CacheAware):
     """UTC day index → event_ids seen with an event time that day.
@@ -174,7 +178,7 @@ class DeduplicateEvents(beam.PTransform):
     event with its own time never makes it late.
     """
 
-    def __init__(self, allowed_lateness_s: int, buckets: int = 256,
+    def __init__(self, allowed_lateness_s: int, buckets: int = DEFAULT_BUCKETS,
                  bounded: bool = False) -> None:
         super().__init__()
         self._allowed_lateness_s = allowed_lateness_s
