@@ -1,0 +1,393 @@
+"""The Dataflow flex template in templates/: metadata, launcher, Dockerfile.
+
+Nothing here talks to Google Cloud: a fake runner stands in for Dataflow, the Dockerfile
+is read (no Docker engine runs here), and gcloud, where installed, only prints the
+template spec it would upload (--print-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import ClassVar
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, WorkerOptions
+from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
+
+from pipeline.job import build
+from pipeline.options import ClickstreamOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+METADATA = TEMPLATES / "metadata.json"
+DOCKERFILE = TEMPLATES / "Dockerfile"
+LAUNCHER = TEMPLATES / "launcher.py"
+
+# Fields of Dataflow's TemplateMetadata / ParameterMetadata (API v1b3): a misspelt key
+# (e.g. "isOptonal") is carried into the spec by gcloud and silently ignored by Dataflow.
+TEMPLATE_KEYS = {"name", "description", "parameters", "streaming", "supportsAtLeastOnce",
+                 "supportsExactlyOnce", "defaultStreamingMode", "yamlDefinition"}
+PARAMETER_KEYS = {"name", "label", "helpText", "isOptional", "regexes", "paramType",
+                  "customMetadata", "groupName", "parentName", "parentTriggerValues",
+                  "enumOptions", "defaultValue", "isHiddenUi"}
+
+
+def clickstream_actions() -> dict[str, argparse.Action]:
+    """Every option ClickstreamOptions declares, by dest, read from argparse itself."""
+    parser = argparse.ArgumentParser(add_help=False)
+    ClickstreamOptions._add_argparse_args(parser)
+    return {action.dest: action for action in parser._actions}
+
+
+def metadata() -> dict:
+    return json.loads(METADATA.read_text())
+
+
+def parameters() -> dict[str, dict]:
+    return {param["name"]: param for param in metadata()["parameters"]}
+
+
+def full_match(param: dict, value: str) -> bool:
+    return all(re.fullmatch(regex, value) for regex in param.get("regexes", []))
+
+
+def load_launcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("clickstream_flex_launcher", LAUNCHER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- (a) metadata.json and ClickstreamOptions agree ---------------------------------------
+
+def test_metadata_parameters_are_exactly_the_clickstream_options():
+    actions = clickstream_actions()
+    params = parameters()
+    assert len(params) == len(metadata()["parameters"]), "duplicate parameter names"
+    assert set(params) - set(actions) == set(), "metadata parameters the job does not parse"
+    assert set(actions) - set(params) == set(), "options missing from metadata.json"
+    for name, action in actions.items():
+        # The flex launcher passes each parameter as --name=value.
+        assert f"--{name}" in action.option_strings
+
+
+def test_metadata_uses_dataflow_fields_only():
+    meta = metadata()
+    assert set(meta) <= TEMPLATE_KEYS
+    assert meta["name"] and meta["description"]
+    # The graph reads files only: a bounded template. Dataflow's flags for a streaming
+    # template: exactly-once counting is the design; at-least-once would double count.
+    assert meta["streaming"] is False
+    assert meta["supportsExactlyOnce"] is True
+    assert meta["supportsAtLeastOnce"] is False
+    assert "defaultStreamingMode" not in meta  # only valid when both modes are supported
+    for param in meta["parameters"]:
+        assert set(param) <= PARAMETER_KEYS, param["name"]
+        assert param["label"].strip() and param["helpText"].strip(), param["name"]
+        assert isinstance(param["isOptional"], bool), param["name"]
+        for regex in param.get("regexes", []):
+            assert regex.startswith("^") and regex.endswith("$"), (param["name"], regex)
+            re.compile(regex)
+
+
+def test_required_parameters_are_the_options_without_default():
+    actions = clickstream_actions()
+    for name, param in parameters().items():
+        assert param["isOptional"] is (actions[name].default is not None), name
+
+
+def test_regexes_follow_the_option_types():
+    for name, action in clickstream_actions().items():
+        param = parameters()[name]
+        if action.choices:
+            assert param.get("regexes"), name
+            for choice in action.choices:
+                assert full_match(param, str(choice)), (name, choice)
+            assert not full_match(param, "something-else"), name
+        if action.type is int:
+            assert param.get("regexes"), name
+            for bad in ("abc", "1.5", "-1", "", "1 2"):
+                assert not full_match(param, bad), (name, bad)
+
+
+def test_regexes_reject_values_the_job_cannot_use():
+    params = parameters()
+    assert not full_match(params["hll_lg_k"], "3")  # DataSketches HLL: 4 <= lg_k <= 21
+    assert not full_match(params["hll_lg_k"], "22")
+    assert full_match(params["hll_lg_k"], "21")
+    assert not full_match(params["dedup_buckets"], "0")
+    assert not full_match(params["funnel_steps"], "page_view,,purchase")
+    assert not full_match(params["funnel_steps"], "Page View")
+    assert full_match(params["input_files"], "gs://bucket/day=2026-11-01/*.jsonl")
+    assert not full_match(params["input_files"], "/local/path/*.jsonl")  # not on workers
+
+
+# --- (b) every default validates against its metadata regex --------------------------------
+
+def test_each_option_default_validates_against_its_metadata_regexes():
+    checked = 0
+    for name, action in clickstream_actions().items():
+        if action.default is None:
+            continue
+        param = parameters()[name]
+        assert full_match(param, str(action.default)), (name, action.default)
+        # And the value the launcher would get back parses to the same default.
+        parsed = PipelineOptions([f"--{name}={action.default}"]).view_as(ClickstreamOptions)
+        assert getattr(parsed, name) == action.default, name
+        checked += 1
+    assert checked == len(clickstream_actions()) - 1  # all but input_files
+
+
+# --- (c) the launcher submits and returns: a fake stands in for Dataflow -------------------
+
+class FakeDataflowResult(PipelineResult):
+    """A job that was submitted and never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__(PipelineState.RUNNING)
+        self.waited = False
+
+    def job_id(self) -> str:
+        return "fake-2026-11-01_00_00_00-1"
+
+    def wait_until_finish(self, duration=None):
+        self.waited = True
+        raise AssertionError("the flex template launcher waited for the job to finish")
+
+
+class FakeDataflowRunner(PipelineRunner):
+    """Stands in for DataflowRunner: records the submitted pipeline, runs nothing."""
+
+    submitted: ClassVar[list[tuple[beam.Pipeline, PipelineOptions, FakeDataflowResult]]] = []
+
+    def run_pipeline(self, pipeline, options):
+        result = FakeDataflowResult()
+        FakeDataflowRunner.submitted.append((pipeline, options, result))
+        return result
+
+
+FAKE_RUNNER = f"{__name__}.FakeDataflowRunner"
+
+
+def _labels(pipeline: beam.Pipeline) -> list[str]:
+    labels: list[str] = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node):
+            labels.append(node.full_label)
+
+        def visit_transform(self, node):
+            labels.append(node.full_label)
+
+    pipeline.visit(Visitor())
+    return sorted(labels)
+
+
+@pytest.fixture
+def events_file(tmp_path: Path) -> Path:
+    path = tmp_path / "events-00000.jsonl"
+    path.write_text('{"event_id": "e1"}\n')
+    return path
+
+
+@pytest.fixture
+def fake_dataflow(monkeypatch):
+    FakeDataflowRunner.submitted = []
+    monkeypatch.delenv("SDK_CONTAINER_IMAGE", raising=False)
+    yield FakeDataflowRunner.submitted
+    FakeDataflowRunner.submitted = []
+
+
+def test_launcher_returns_after_submitting_to_a_fake_standing_in_for_dataflow(
+        fake_dataflow, events_file, tmp_path):
+    launcher = load_launcher()
+    argv = [f"--runner={FAKE_RUNNER}", f"--input_files={events_file}",
+            f"--duckdb_path={tmp_path / 'out.duckdb'}", "--distinct=hll",
+            "--dedup_buckets=64", "--sdk_container_image=example/clickstream:test"]
+
+    assert launcher.main(argv) == 0  # returned: it did not block on the running job
+
+    assert len(fake_dataflow) == 1, "the launcher must submit exactly one job"
+    pipeline, options, result = fake_dataflow[0]
+    assert result.state == PipelineState.RUNNING
+    assert not result.waited, "the launcher called wait_until_finish()"
+    clickstream = options.view_as(ClickstreamOptions)
+    assert (clickstream.input_files, clickstream.distinct, clickstream.dedup_buckets) == (
+        str(events_file), "hll", 64)
+    assert options.view_as(WorkerOptions).sdk_container_image == "example/clickstream:test"
+
+    # The same graph as `clickstream run` (pipeline.job.build), not a copy of it.
+    reference = beam.Pipeline(options=PipelineOptions(argv))
+    build(reference, PipelineOptions(argv).view_as(ClickstreamOptions))
+    assert _labels(pipeline) == _labels(reference)
+    assert {"ReadFiles", "Clickstream", "WriteDuckDB"} <= set(_labels(pipeline))
+
+
+def test_launcher_defaults_the_worker_image_to_the_images_sdk_container_image(
+        fake_dataflow, events_file, monkeypatch):
+    monkeypatch.setenv("SDK_CONTAINER_IMAGE", "example/clickstream:from-env")
+    load_launcher().launch([f"--runner={FAKE_RUNNER}", f"--input_files={events_file}"])
+    _, options, _ = fake_dataflow[0]
+    assert options.view_as(WorkerOptions).sdk_container_image == (
+        "example/clickstream:from-env")
+
+
+def test_launcher_refuses_a_dataflow_job_whose_workers_lack_the_package(
+        fake_dataflow, events_file):
+    with pytest.raises(SystemExit, match="sdk_container_image"):
+        load_launcher().launch([f"--runner={FAKE_RUNNER}", f"--input_files={events_file}"])
+    assert fake_dataflow == []
+
+
+def test_launcher_refuses_streaming_until_a_pubsub_source_exists(fake_dataflow, events_file):
+    with pytest.raises(SystemExit, match="Pub/Sub"):
+        load_launcher().launch([f"--runner={FAKE_RUNNER}", f"--input_files={events_file}",
+                                "--setup_file=setup.py", "--streaming"])
+    assert fake_dataflow == []
+
+
+# --- (d) the Dockerfile references files that exist ---------------------------------------
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    joined: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        joined.append(pending + line)
+        pending = ""
+    assert not pending, "dangling line continuation"
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined]
+
+
+def _stages() -> list[dict]:
+    """Per stage: base image, WORKDIR, COPY src -> absolute dest, ENV."""
+    args: dict[str, str] = {}
+    stages: list[dict] = []
+
+    def expand(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+    for instruction, rest in _dockerfile_instructions():
+        if instruction == "ARG":
+            name, _, default = rest.partition("=")
+            args.setdefault(name.strip(), default.strip().strip('"'))
+        elif instruction == "FROM":
+            words = expand(rest).split()
+            stages.append({"from": words[0], "name": words[2] if len(words) > 2 else None,
+                           "workdir": "/", "copies": [], "copy_from": [], "env": {}})
+        elif instruction == "WORKDIR":
+            stages[-1]["workdir"] = expand(rest)
+        elif instruction == "COPY":
+            words = shlex.split(expand(rest))
+            flags = [w for w in words if w.startswith("--")]
+            paths = [w for w in words if not w.startswith("--")]
+            *sources, dest = paths
+            if any(f.startswith("--from=") for f in flags):
+                stages[-1]["copy_from"].append((flags, sources, dest))
+                continue
+            dest = dest if dest.startswith("/") else f"{stages[-1]['workdir']}/{dest}"
+            for source in sources:
+                stages[-1]["copies"].append((source, dest))
+        elif instruction == "ENV":
+            name, _, value = rest.partition("=")
+            stages[-1]["env"][name.strip()] = expand(value.strip().strip('"'))
+    return stages
+
+
+def _source_of(stage: dict, image_path: str) -> Path:
+    """The file of this repository that a stage copies to ``image_path``."""
+    target = os.path.normpath(image_path)
+    for source, dest in stage["copies"]:
+        src = ROOT / source
+        if src.is_dir():
+            relative = os.path.relpath(target, os.path.normpath(dest))
+            if not relative.startswith(".."):
+                return src / relative
+        else:
+            landed = os.path.join(dest, src.name) if dest.endswith("/") else dest
+            if os.path.normpath(landed) == target:
+                return src
+    raise AssertionError(f"{image_path} is not copied into stage {stage['name']}")
+
+
+def test_dockerfile_copies_files_that_exist():
+    stages = _stages()
+    copies = [source for stage in stages for source, _ in stage["copies"]]
+    assert copies, "no COPY found"
+    for source in copies:
+        assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+    for needed in ("setup.py", "constraints.txt", "templates/launcher.py"):
+        assert needed in {c.rstrip("/") for c in copies}, needed
+    # The packages setup.py installs are all in the image.
+    for package in ("pipeline", "transforms", "schemas", "runners"):
+        assert f"{package}/" in copies, package
+
+
+def test_dockerfile_flex_variables_point_at_copied_files():
+    stages = {stage["name"]: stage for stage in _stages()}
+    launcher, sdk = stages["launcher"], stages["sdk"]
+    for stage in (launcher, sdk):
+        py_file = stage["env"]["FLEX_TEMPLATE_PYTHON_PY_FILE"]
+        assert _source_of(stage, py_file).resolve() == LAUNCHER.resolve(), stage["name"]
+    setup_file = launcher["env"]["FLEX_TEMPLATE_PYTHON_SETUP_FILE"]
+    assert _source_of(launcher, setup_file).resolve() == (ROOT / "setup.py").resolve()
+    # The worker image has the package installed; a staged sdist would be reinstalled.
+    assert "FLEX_TEMPLATE_PYTHON_SETUP_FILE" not in sdk["env"]
+    # Both targets install the project with the lock file.
+    text = DOCKERFILE.read_text()
+    assert text.count("pip install --no-cache-dir -c constraints.txt .") == 2
+
+
+def test_dockerfile_base_images_are_pinned_and_match_the_lock():
+    stages = _stages()
+    bases = {stage["from"] for stage in stages if stage["from"] not in
+             {s["name"] for s in stages}}
+    launcher_base = [b for b in bases if "python311-template-launcher-base" in b]
+    beam_sdk = [b for b in bases if b.startswith("apache/beam_python3.11_sdk")]
+    assert len(launcher_base) == 1 and len(beam_sdk) == 1, bases
+    for image in bases:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "$" not in tag, image
+    lock = re.search(r"^apache-beam==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert lock is not None
+    assert beam_sdk[0].endswith(f":{lock.group(1)}") and lock.group(1) == beam.__version__
+    copy_from = [entry for stage in stages for entry in stage["copy_from"]]
+    assert copy_from == [(["--from=launcher-base"],
+                          ["/opt/google/dataflow/python_template_launcher"],
+                          "/opt/google/dataflow/python_template_launcher")]
+
+
+# --- gcloud turns metadata.json into a template spec (print only, no upload) ---------------
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="Google Cloud CLI not installed")
+def test_gcloud_accepts_the_metadata_file(tmp_path):
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+           "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    out = subprocess.run(
+        ["gcloud", "dataflow", "flex-template", "build", "gs://example-bucket/t.json",
+         "--image=example-docker.example/project/clickstream:test",
+         "--sdk-language=PYTHON", f"--metadata-file={METADATA}", "--print-only",
+         "--format=json"],
+        env=env, capture_output=True, text=True, timeout=120, check=True)
+    spec = json.loads(json.loads(out.stdout))
+    assert spec["sdkInfo"]["language"] == "PYTHON"
+    assert spec["metadata"]["name"] == metadata()["name"]
+    assert [p["name"] for p in spec["metadata"]["parameters"]] == [
+        p["name"] for p in metadata()["parameters"]]
