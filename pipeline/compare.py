@@ -29,3 +29,21 @@ def differences(actual: dict[MetricKey, int], expected: dict[MetricKey, int],
         if abs(got - want) > allowed:
             problems.append(f"{key}: pipeline={got} oracle={want}")
     return problems
+
+
+_CHANGELOG_MISMATCHES = """
+    SELECT l.metric, l.dims, l.granularity, l.window_start, c.total, l.value
+    FROM metric_latest l
+    LEFT JOIN (SELECT metric, dims, granularity, window_start, sum(sign * value) AS total
+               FROM metric_changelog GROUP BY ALL) c
+      USING (metric, dims, granularity, window_start)
+    WHERE c.total IS DISTINCT FROM l.value"""
+
+
+def changelog_mismatches(path: str) -> list[tuple]:
+    """Windows whose changelog does not sum (sign × value) to their latest value."""
+    return read_rows(path, _CHANGELOG_MISMATCHES)
+
+
+def windows_not_final(path: str) -> int:
+    return read_rows(path, "SELECT count(*) FROM metric_latest WHERE NOT is_final")[0][0]

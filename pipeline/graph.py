@@ -8,6 +8,7 @@ from collections.abc import Callable
 import apache_beam as beam
 
 from transforms.dedup import DEFAULT_BUCKETS, DeduplicateEvents
+from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
 from transforms.retract import RetractingChangelog
@@ -17,19 +18,26 @@ class ClickstreamMetrics(beam.PTransform):
     """Raw payloads → (retracting changelog rows, dead-letter rows).
 
     parse+validate → dedup(event_id) → hour & day windows → metrics → retractions
+                                      ├→ raw archive (optional)
+                                      └→ too-late counts
 
     `dedup` replaces the dedup stage (Events → unique Events, timestamps kept), e.g. to
-    benchmark another implementation; by default it is DeduplicateEvents.
+    benchmark another implementation; by default it is DeduplicateEvents. `archive`
+    (e.g. WriteRawArchive) gets the unique events before any windowing, so events too
+    late for their windows still land there; `too_late.hour` and `too_late.day` count
+    the events the windowing drops.
     """
 
     def __init__(self, config: MetricsConfig, dedup_buckets: int = DEFAULT_BUCKETS,
                  clock: Callable[[], float] = time.time,
-                 dedup: beam.PTransform | None = None) -> None:
+                 dedup: beam.PTransform | None = None,
+                 archive: beam.PTransform | None = None) -> None:
         super().__init__()
         self._config = config
         self._dedup_buckets = dedup_buckets
         self._clock = clock
         self._dedup = dedup
+        self._archive = archive
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
@@ -38,6 +46,11 @@ class ClickstreamMetrics(beam.PTransform):
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
+        if self._archive is not None:
+            unique | "RawArchive" >> self._archive
+        if not config.bounded:
+            # Bounded input is never late (its watermark jumps to the end at once).
+            unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
         panes = (
             unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
             unique | "DailyMetrics" >> ComputeMetrics("day", config),

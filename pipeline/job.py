@@ -53,6 +53,13 @@ class RunSummary:
         if reasons:
             lines.append("dead letter by reason: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(reasons.items())))
+        if "archive_events" in c:
+            lines.append(f"raw archive: {c['archive_events']:,} events in "
+                         f"{c.get('archive_files', 0):,} files")
+        if c.get("too_late.hour") or c.get("too_late.day"):
+            lines.append("too late for their windows (archived, not counted): "
+                         f"{c.get('too_late.hour', 0):,} for the hour, "
+                         f"{c.get('too_late.day', 0):,} for the day")
         lines.append(f"changelog rows: {c.get('changelog_revisions', 0):,} revisions, "
                      f"{c.get('changelog_retractions', 0):,} retractions, "
                      f"{c.get('windows_finalized', 0):,} windows final")
@@ -77,7 +84,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
                 | "ReadFiles" >> ReadEventFiles(options.input_files)
                 | "Progress" >> LogProgress("records read"))
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
-        options.metrics_config().for_bounded_input(), options.dedup_buckets)
+        options.metrics_config().for_bounded_input(), options.dedup_buckets,
+        archive=options.raw_archive(bounded=True))
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
 
 

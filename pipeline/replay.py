@@ -95,7 +95,9 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
         p
         | "ReplayArrivals" >> build_stream(records, replay.replay_step_s,
                                            replay.watermark_lag_s)
-        | "Clickstream" >> ClickstreamMetrics(config, clickstream.dedup_buckets))
+        | "Clickstream" >> ClickstreamMetrics(
+            config, clickstream.dedup_buckets,
+            archive=clickstream.raw_archive(bounded=False)))
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(clickstream.duckdb_path)
     result = p.run()
     state = result.wait_until_finish()

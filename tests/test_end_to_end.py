@@ -9,7 +9,12 @@ import os
 import pytest
 
 from pipeline import oracle
-from pipeline.compare import differences, latest_from_duckdb
+from pipeline.compare import (
+    changelog_mismatches,
+    differences,
+    latest_from_duckdb,
+    windows_not_final,
+)
 from pipeline.generator import GeneratorConfig, write_dataset
 from pipeline.job import run
 from transforms.distinct import hll_relative_error
@@ -81,13 +86,9 @@ def test_dead_letter_table_has_every_bad_record_byte_for_byte(dataset: str, exac
 
 def test_changelog_invariant_and_finality_in_duckdb(exact_run) -> None:
     _, db = exact_run
-    broken = read_rows(db, """
-        SELECT c.metric, c.dims, c.granularity, c.window_start, sum(c.sign * c.value), l.value
-        FROM metric_changelog c JOIN metric_latest l USING (metric, dims, granularity,
-                                                            window_start)
-        GROUP BY ALL HAVING sum(c.sign * c.value) != l.value""")
-    assert broken == []
-    assert read_rows(db, "SELECT count(*) FROM metric_latest WHERE NOT is_final") == [(0,)]
+    assert read_rows(db, "SELECT count(*) FROM metric_latest")[0][0] > 0
+    assert changelog_mismatches(db) == []
+    assert windows_not_final(db) == 0
 
 
 def test_rerunning_the_same_input_leaves_the_same_contents(dataset: str, exact_run) -> None:

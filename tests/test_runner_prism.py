@@ -26,7 +26,12 @@ from typing import Any
 import pytest
 
 from pipeline import oracle
-from pipeline.compare import differences, latest_from_duckdb
+from pipeline.compare import (
+    changelog_mismatches,
+    differences,
+    latest_from_duckdb,
+    windows_not_final,
+)
 from pipeline.generator import GeneratorConfig, write_dataset
 from transforms.sink_duckdb import connect, create_tables, read_rows
 
@@ -184,11 +189,5 @@ def test_prism_changelog_sums_to_latest_and_every_window_is_final(prism_run) -> 
     _, db = prism_run
     (latest_rows,), = read_rows(db, "SELECT count(*) FROM metric_latest")
     assert latest_rows > 0
-    mismatched = read_rows(db, """
-        SELECT c.metric, c.dims, c.granularity, c.window_start, sum(c.sign * c.value), l.value
-        FROM metric_changelog c JOIN metric_latest l USING (metric, dims, granularity,
-                                                           window_start)
-        GROUP BY ALL HAVING sum(c.sign * c.value) != l.value""")
-    assert mismatched == []
-    (not_final,), = read_rows(db, "SELECT count(*) FROM metric_latest WHERE NOT is_final")
-    assert not_final == 0
+    assert changelog_mismatches(db) == []
+    assert windows_not_final(db) == 0

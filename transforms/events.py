@@ -63,30 +63,3 @@ def encode_events(events: list[Event]) -> bytes:
 def decode_events(encoded: bytes) -> list[Event]:
     return [Event(*fields) for fields in orjson.loads(encoded)]
 
-
-class EventBatch(list):
-    """A list of Events that crosses a shuffle as one element."""
-
-
-class EventBatchCoder(beam.coders.Coder):
-    """One orjson call per batch instead of one coder call per event."""
-
-    def encode(self, batch: EventBatch) -> bytes:
-        return encode_events(batch)
-
-    def decode(self, encoded: bytes) -> EventBatch:
-        return EventBatch(decode_events(encoded))
-
-    def estimate_size(self, batch: EventBatch) -> int:
-        # The SDK samples element sizes for its metrics; encoding a whole batch to
-        # measure it would double the cost of the shuffle.
-        return 256 * len(batch)
-
-    def is_deterministic(self) -> bool:
-        return True
-
-    def to_type_hint(self):
-        return EventBatch
-
-
-beam.coders.registry.register_coder(EventBatch, EventBatchCoder)
