@@ -46,6 +46,8 @@ SINK_ROWS_SQL = """
     SELECT (SELECT count(*) FROM metric_changelog), (SELECT count(*) FROM metric_latest),
            (SELECT count(*) FROM metric_latest WHERE is_final),
            (SELECT count(*) FROM dead_letter)"""
+
+
 def pipeline_args(data_dir: str, duckdb_path: str) -> list[str]:
     return ["--input_files", os.path.join(data_dir, "events-*.jsonl"),
             "--duckdb_path", duckdb_path,
