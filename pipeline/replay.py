@@ -9,7 +9,9 @@ lateness. Each step is one TestStream event batch.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -88,6 +90,14 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
                          "`clickstream generate`)")
     clickstream = options.view_as(ClickstreamOptions)
     config = clickstream.metrics_config()
+    runner = options.view_as(StandardOptions).runner or ""
+    if "BundleBasedDirectRunner" in str(runner) and config.late_firing_s > 0:
+        # A processing-time late trigger stalls this runner ("Monitor task detected a
+        # pipeline stall", DESIGN.md): late panes fire per late bundle instead.
+        logging.getLogger("clickstream").warning(
+            "replay on the BundleBasedDirectRunner: using --late_firing_s 0 (a late pane "
+            "per late bundle); a processing-time late trigger stalls this runner")
+        config = dataclasses.replace(config, late_firing_s=0)
     records = read_arrivals(replay.replay_dir, replay.replay_limit)
     started = time.monotonic()
     p = beam.Pipeline(options=options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any, Tuple  # noqa: UP035 - Beam reads typing.Tuple hints
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -181,6 +182,7 @@ class RetractingChangelog(beam.PTransform):
             panes
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
             | "KeyByWindow" >> beam.Map(
-                lambda p: ((p.granularity, p.window_start.isoformat()), p))
+                lambda p: ((p.granularity, p.window_start.isoformat()), p)
+            ).with_output_types(Tuple[Tuple[str, str], Any])  # noqa: UP006 - a str key
             | "EmitRetractions" >> beam.ParDo(
                 EmitRetractionsFn(self._allowed_lateness_s, self._clock)))
