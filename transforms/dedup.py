@@ -38,6 +38,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.events import Event, decode_events, encode_events
+from transforms.runtime import relax_gc
 
 METRICS_NAMESPACE = "clickstream"
 DAY_MS = 86_400_000
@@ -118,6 +119,9 @@ class DropRepeatedEventIdsFn(beam.DoFn):
         self._allowed_lateness_ms = allowed_lateness_s * 1000
         self._duplicates = Metrics.counter(METRICS_NAMESPACE, "duplicates")
         self._unique = Metrics.counter(METRICS_NAMESPACE, "unique")
+
+    def setup(self) -> None:
+        relax_gc()  # this step keeps every id of the open days alive
 
     def _horizon(self, day: int) -> Timestamp:
         """When the day's last window closes for good: day end + allowed lateness."""

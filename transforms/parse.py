@@ -23,6 +23,7 @@ from apache_beam.utils import windowed_value
 
 import schemas
 from transforms.events import Event
+from transforms.runtime import relax_gc
 
 METRICS_NAMESPACE = "clickstream"
 DEAD_LETTER_TAG = "dead_letter"
@@ -211,6 +212,7 @@ class ParseEventFn(beam.DoFn):
         self._by_reason: dict[str, Any] = {}
 
     def setup(self) -> None:
+        relax_gc()
         self._rules = EventRules.from_schema(schemas.event_schema())
 
     def start_bundle(self) -> None:
