@@ -59,12 +59,13 @@ def classify_timing(runner_timing: str, watermark_passed: bool, seen_on_time: bo
 class _WindowState:
     """What the changelog stage remembers per window, for all its metrics and dims."""
 
-    __slots__ = ("last", "seen_on_time", "watermark_passed")
+    __slots__ = ("finalized", "last", "seen_on_time", "watermark_passed")
 
     def __init__(self) -> None:
         self.last: dict[MetricKey, schemas.ChangelogRow] = {}
         self.seen_on_time: set[MetricKey] = set()
         self.watermark_passed = False
+        self.finalized = False
 
 
 class EmitRetractionsFn(beam.DoFn):
@@ -86,6 +87,7 @@ class EmitRetractionsFn(beam.DoFn):
         self._finalized = Metrics.counter(METRICS_NAMESPACE, "windows_finalized")
         self._unchanged = Metrics.counter(METRICS_NAMESPACE, "panes_unchanged")
         self._out_of_order = Metrics.counter(METRICS_NAMESPACE, "panes_out_of_order")
+        self._after_final = Metrics.counter(METRICS_NAMESPACE, "panes_after_final")
 
     def process(
         self,
@@ -110,7 +112,7 @@ class EmitRetractionsFn(beam.DoFn):
             self._out_of_order.inc()
             return
         timing = classify_timing(pane.runner_timing, current.watermark_passed,
-                                 key in current.seen_on_time)
+                                 key in current.seen_on_time or current.finalized)
         if timing in ("ON_TIME", "LATE"):
             current.seen_on_time.add(key)
         if last is not None and last["value"] == pane.value and (
@@ -131,9 +133,13 @@ class EmitRetractionsFn(beam.DoFn):
             "revision": 1 if last is None else last["revision"] + 1,
             "pane_index": pane.pane_index,
             "timing": timing,
-            "is_final": False,
+            "is_final": current.finalized,
             "emitted_at": self._clock(),
         }
+        if current.finalized:
+            # A pane after the final mark (Prism can deliver one after the horizon timer
+            # of a bounded run): it continues the revisions and stays final.
+            self._after_final.inc()
         yield from self._replace(last, new)
         current.last[key] = new
         state.write(current)
@@ -149,15 +155,21 @@ class EmitRetractionsFn(beam.DoFn):
     def finalize(self, state=beam.DoFn.StateParam(STATE)
                  ) -> Iterable[schemas.ChangelogRow]:
         current: _WindowState | None = state.read()
-        state.clear()
         if current is None:
             return
         emitted_at = self._clock()
-        for last in current.last.values():
+        for key, last in list(current.last.items()):
             final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
                 last, revision=last["revision"] + 1, is_final=True, emitted_at=emitted_at)
             self._finalized.inc()
             yield from self._replace(last, final)
+            current.last[key] = final
+        # Kept, not cleared (one row per metric and dims, a few hundred bytes): a pane
+        # that still arrives must continue the revisions, not restart them at 1 where
+        # the sinks' keyed writes would drop it.
+        current.finalized = True
+        current.seen_on_time.clear()
+        state.write(current)
 
     def _replace(self, last: schemas.ChangelogRow | None, new: schemas.ChangelogRow
                  ) -> Iterable[schemas.ChangelogRow]:
