@@ -25,8 +25,7 @@ def _run(argv: Sequence[str]) -> int:
 
     summary = run(argv)
     print(summary.render())
-    duckdb_path = _flag(argv, "--duckdb_path", "clickstream.duckdb")
-    print_report(duckdb_path)
+    print_report(_duckdb_path(argv))
     return 0 if summary.reconciles else 1
 
 
@@ -34,20 +33,19 @@ def _replay(argv: Sequence[str]) -> int:
     from pipeline.replay import replay_reconciliation, run_replay
     from pipeline.report import print_report
 
-    duckdb_path = _flag(argv, "--duckdb_path", "clickstream.duckdb")
+    duckdb_path = _duckdb_path(argv)
     summary = run_replay(argv)
     print(replay_reconciliation(duckdb_path, summary))
     print_report(duckdb_path, changelog=True)
     return 0
 
 
-def _flag(argv: Sequence[str], name: str, default: str) -> str:
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return default
+def _duckdb_path(argv: Sequence[str]) -> str:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import ClickstreamOptions
+
+    return PipelineOptions(list(argv)).view_as(ClickstreamOptions).duckdb_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "report":
         from pipeline.report import print_report
 
-        print_report(_flag(rest, "--duckdb_path", "clickstream.duckdb"))
+        print_report(_duckdb_path(rest))
         return 0
     print(f"unknown command {command!r}; try `clickstream --help`", file=sys.stderr)
     return 2

@@ -44,24 +44,23 @@ def _start(factory):
     return cm, address
 
 
-@pytest.fixture(scope="session")
-def bigtable_emulator() -> Iterator[str]:
-    cm, address = _start(servers.bigtable_emulator)
+def _emulator(factory, env_name: str) -> Iterator[str]:
+    cm, address = _start(factory)
     try:
-        with _env("BIGTABLE_EMULATOR_HOST", address):
+        with _env(env_name, address):
             yield address
     finally:
         cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def bigtable_emulator() -> Iterator[str]:
+    yield from _emulator(servers.bigtable_emulator, "BIGTABLE_EMULATOR_HOST")
 
 
 @pytest.fixture(scope="session")
 def pubsub_emulator() -> Iterator[str]:
-    cm, address = _start(servers.pubsub_emulator)
-    try:
-        with _env("PUBSUB_EMULATOR_HOST", address):
-            yield address
-    finally:
-        cm.__exit__(None, None, None)
+    yield from _emulator(servers.pubsub_emulator, "PUBSUB_EMULATOR_HOST")
 
 
 @pytest.fixture(scope="session")
