@@ -56,10 +56,13 @@ beam.coders.registry.register_coder(Event, EventCoder)
 
 
 def encode_events(events: list[Event]) -> bytes:
-    """Many events as one opaque value: one orjson call for the lot."""
-    return orjson.dumps([tuple(event) for event in events])
+    """Many events as one opaque value: one orjson call for the lot.
+
+    orjson does not take NamedTuples; `default=tuple` converts each one from C, about
+    half the cost of building the list of tuples first (measured)."""
+    return orjson.dumps(events, default=tuple)
 
 
 def decode_events(encoded: bytes) -> list[Event]:
-    return [Event(*fields) for fields in orjson.loads(encoded)]
+    return list(map(Event._make, orjson.loads(encoded)))
 
