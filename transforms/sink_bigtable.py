@@ -249,15 +249,19 @@ class _WriteRowsFn(beam.DoFn):
 
         def send() -> None:
             nonlocal pending
-            pending = self._send(pending)
-            if pending:
-                raise _Resend(f"{len(pending)} rows failed with a transient status")
+            failed = self._send(pending)
+            if failed:
+                status = failed[0][1]
+                message = (f"{len(failed)} of {len(pending)} rows failed, e.g. status "
+                           f"{status.code}: {status.message}")
+                pending = [row for row, _ in failed]
+                raise _Resend(message)
 
         if pending:
             self._with_backoff(send, f"write {len(pending)} rows")
 
-    def _send(self, rows: list[Any]) -> list[Any]:
-        """One mutate_rows call; returns the rows that failed transiently."""
+    def _send(self, rows: list[Any]) -> list[tuple[Any, Any]]:
+        """One mutate_rows call; returns the (row, status) pairs that failed transiently."""
         from google.cloud.bigtable.table import DEFAULT_RETRY
 
         c = self._config
@@ -270,7 +274,7 @@ class _WriteRowsFn(beam.DoFn):
         if permanent:
             raise self._error(f"{len(permanent)} of {len(rows)} rows refused, status "
                               f"{permanent[0].code}: {permanent[0].message}")
-        return [row for row, _ in failed]
+        return failed
 
     def _with_backoff(self, call: Callable[[], T], what: str) -> T:
         c = self._config
