@@ -106,6 +106,10 @@ def test_a_stopped_emulator_mid_run_is_retried_and_the_table_ends_complete(
     counters = counters_of(result)
 
     assert "continued" in outage, "the emulator was never paused: nothing was tested"
+    print(f"outage {outage['continued'] - outage['stopped']:.1f} s; run {finished - started:.1f}"
+          f" s; resends {counters['bigtable_write_retries']}; rows written "
+          f"{counters['bigtable_rows_written']}; job ended "
+          f"{finished - outage['continued']:.1f} s after the emulator came back")
     # The writes failed during the outage and were resent: the job waited it out.
     assert counters["bigtable_write_retries"] >= 2
     assert finished - started > OUTAGE_S
