@@ -29,26 +29,27 @@ versions, not max age: cell timestamps are revisions, not wall-clock times.
 Outages and retries. Beam's ``WriteToBigTable`` hands a bundle's rows to the client's
 ``MutationsBatcher``; the client (google-cloud-bigtable 2.50) retries UNAVAILABLE and
 DEADLINE_EXCEEDED itself (backoff from 10 ms doubling to 60 s, 60 s per attempt) for up
-to 600 s, silently (measured with the emulator gone: still retrying after 225 s, no
-counter, no log), and then ``finish_bundle`` raises a bare ``MutationsBatchError``; the
-rows of that bundle are gone from the batcher. What happens next depends on the runner:
-the FnApiRunner (DirectRunner, batch) does not retry a bundle, it fails the whole job
-(measured: one attempt); Dataflow retries a batch work item 4 times and a streaming one
-until it succeeds. So the write here is our own DoFn (``_WriteRowsFn``) on the same
-client, with DirectRows as before: it keeps the bundle's rows, sends them with
-``Table.mutate_rows`` (the client's own retry bounded to ``call_budget_s``, each attempt
-to ``attempt_timeout_s``), and resends the rows that failed with a transient status
-(UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL) after an
-exponential backoff with jitter (``initial_backoff_s`` doubling to ``max_backoff_s``),
-counting each resend in the ``bigtable_write_retries`` counter. Resending is safe because
-every write is an idempotent overwrite (same cells, same revision timestamps). After
-``give_up_after_s`` of failures (15 min by default, longer than the client's own 10), or
-at once on a permanent error (NOT_FOUND, PERMISSION_DENIED, ...), it raises
-``BigtableWriteError``, which names the table, the rows not written and the last error,
-and says what to do: restore Bigtable and re-run the same input, which rewrites the same
-cells and doubles nothing. tests/test_bigtable_faults.py pauses the
-emulator (SIGSTOP) mid-write and resumes it: the resends are counted and the table ends
-equal to the oracle with no extra cell versions.
+to 600 s, silently, and then ``finish_bundle`` raises a bare ``MutationsBatchError``
+(measured with the emulator gone: no counter, no log for 596 s, then "Errors in batch
+mutations."); the rows of that bundle are gone from the batcher. What happens next
+depends on the runner: the FnApiRunner (DirectRunner, batch) does not retry a bundle, it
+fails the whole job (measured: one attempt); Dataflow retries a batch work item 4 times
+and a streaming one until it succeeds. So the write here is our own DoFn
+(``_WriteRowsFn``) on the same client, with DirectRows as before: it keeps the bundle's
+rows, sends them with ``Table.mutate_rows`` (the client's own retry bounded to
+``call_budget_s``, each attempt to ``attempt_timeout_s``), and resends the rows that
+failed with a transient status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+ABORTED, INTERNAL) after an exponential backoff with jitter (``initial_backoff_s``
+doubling to ``max_backoff_s``), counting each resend in the ``bigtable_write_retries``
+counter. Resending is safe because every write is an idempotent overwrite (same cells,
+same revision timestamps). After ``give_up_after_s`` of failures (15 min by default,
+longer than the client's own 10), or at once on a permanent error (NOT_FOUND,
+PERMISSION_DENIED, ...), it raises ``BigtableWriteError``, which names the table, the
+rows not written and the last error, and says what to do: restore Bigtable and re-run
+the same input, which rewrites the same cells and doubles nothing.
+tests/test_bigtable_faults.py pauses the emulator (SIGSTOP) mid-write and resumes it:
+the resends are counted and the table ends equal to the oracle with no extra cell
+versions.
 
 Depends on Beam, google-cloud-bigtable and ``schemas`` only. Against the emulator set
 BIGTABLE_EMULATOR_HOST.
