@@ -1,4 +1,4 @@
-"""`clickstream`: run the job, generate data, replay a stream, print a report."""
+"""`clickstream`: run the job, generate data, replay a stream, print a report, query."""
 
 from __future__ import annotations
 
@@ -40,12 +40,31 @@ def _replay(argv: Sequence[str]) -> int:
     return 0
 
 
-def _duckdb_path(argv: Sequence[str]) -> str:
+def _options(argv: Sequence[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.options import ClickstreamOptions
 
-    return PipelineOptions(list(argv)).view_as(ClickstreamOptions).duckdb_path
+    return PipelineOptions(list(argv)).view_as(ClickstreamOptions)
+
+
+def _duckdb_path(argv: Sequence[str]) -> str:
+    return _options(argv).duckdb_path
+
+
+def _query(argv: Sequence[str]) -> int:
+    from pipeline.query import add_arguments, run_query
+
+    parser = argparse.ArgumentParser(
+        prog="clickstream query", epilog="Connection flags as for `clickstream run`: "
+        "--duckdb_path, --bigtable_project/--bigtable_instance/--bigtable_table.")
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    # The stores' connection flags are the job's own options, parsed the same way.
+    options = _options(rest)
+    print(run_query(args, {name: getattr(options, name) for name in (
+        "duckdb_path", "bigtable_project", "bigtable_instance", "bigtable_table")}))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "dataset in arrival order (TestStream)\n"
               "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
               "  report   --duckdb_path FILE\n"
+              "  query    --metric M --granularity hour|day [--dims JSON] [--start ISO] "
+              "[--end ISO] --from duckdb|bigtable|bigquery [--format table|json] "
+              "[connection flags]\n"
               "Run `clickstream run --help` for every pipeline option.")
         return 0
     command, rest = argv[0], argv[1:]
@@ -76,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(rest)
     if command == "replay":
         return _replay(rest)
+    if command == "query":
+        return _query(rest)
     if command == "report":
         from pipeline.report import print_report
 

@@ -84,6 +84,9 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
         options.metrics_config().for_bounded_input(), options.dedup_buckets,
         archive=options.raw_archive(bounded=True))
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
+    bigtable = options.bigtable_sink()
+    if bigtable is not None:
+        changelog | "WriteBigtable" >> bigtable
 
 
 def _report_progress(result: beam.runners.runner.PipelineResult, started: float,

@@ -8,6 +8,7 @@ from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
+from transforms.sink_bigtable import WriteChangelogToBigtable
 
 DAY_S = 86400
 
@@ -52,6 +53,16 @@ class ClickstreamOptions(PipelineOptions):
                            help="Names this run's archive files; re-running with the same "
                                 "id rewrites them instead of adding copies. Empty: a hash "
                                 "of --input_files for a bounded run, else a fresh id.")
+        group.add_argument("--bigtable_project", default="",
+                           help="Google Cloud project of the Bigtable instance that serves "
+                                "metric_latest to dashboards (empty: no Bigtable sink; "
+                                "with BIGTABLE_EMULATOR_HOST set, any id works).")
+        group.add_argument("--bigtable_instance", default="",
+                           help="Bigtable instance id (must exist; on the emulator any id "
+                                "works).")
+        group.add_argument("--bigtable_table", default="",
+                           help="Bigtable table id; created with its column family when "
+                                "missing.")
 
     def raw_archive(self, bounded: bool) -> WriteRawArchive | None:
         """The raw archive stage for --archive_path, or None when it is empty."""
@@ -62,6 +73,17 @@ class ClickstreamOptions(PipelineOptions):
             run_id = run_id_for(self.input_files)
         return WriteRawArchive(self.archive_path, run_id=run_id,
                                buckets=self.archive_buckets, bounded=bounded)
+
+    def bigtable_sink(self) -> WriteChangelogToBigtable | None:
+        """The Bigtable sink for --bigtable_*, or None when all three are empty."""
+        given = (self.bigtable_project, self.bigtable_instance, self.bigtable_table)
+        if not any(given):
+            return None
+        if not all(given):
+            # A half-configured sink would silently write nowhere: refuse it up front.
+            raise SystemExit("--bigtable_project, --bigtable_instance and --bigtable_table "
+                             "go together: give all three, or none for no Bigtable sink")
+        return WriteChangelogToBigtable(*given, create_table=True)
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(

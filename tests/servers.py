@@ -116,15 +116,24 @@ def _running(cmd: list, ready, timeout: float, name: str, env: dict | None = Non
 
 
 @contextlib.contextmanager
-def bigtable_emulator(timeout: float = 30.0) -> Iterator[str]:
-    """Google's Bigtable emulator on 127.0.0.1; yields ``host:port``."""
+def bigtable_emulator_process(timeout: float = 30.0
+                              ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Google's Bigtable emulator on 127.0.0.1; yields (``host:port``, its process), the
+    process for fault tests that pause (SIGSTOP) and resume (SIGCONT) it by PID."""
     binary = cloud_sdk_root() / "platform" / "bigtable-emulator" / "cbtemulator"
     if not binary.exists():
         raise ServerError(f"{binary} not found")
     port = free_port()
     cmd = [str(binary), "-host", "127.0.0.1", "-port", str(port)]
-    with _running(cmd, lambda: _tcp_open(port), timeout, "Bigtable emulator"):
-        yield f"127.0.0.1:{port}"
+    with _running(cmd, lambda: _tcp_open(port), timeout, "Bigtable emulator") as proc:
+        yield f"127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def bigtable_emulator(timeout: float = 30.0) -> Iterator[str]:
+    """Google's Bigtable emulator on 127.0.0.1; yields ``host:port``."""
+    with bigtable_emulator_process(timeout) as (address, _):
+        yield address
 
 
 @contextlib.contextmanager

@@ -26,21 +26,50 @@ newest cell, so it wins whatever the write order. Reads ask for the newest cell 
 column, so they are right even before garbage collection runs. The GC rule is max
 versions, not max age: cell timestamps are revisions, not wall-clock times.
 
-Depends on Beam (``apache_beam.io.gcp.bigtableio.WriteToBigTable``), google-cloud-bigtable
-and ``schemas`` only. Against the emulator set BIGTABLE_EMULATOR_HOST.
+Outages and retries. Beam's ``WriteToBigTable`` hands a bundle's rows to the client's
+``MutationsBatcher``; the client (google-cloud-bigtable 2.50) retries UNAVAILABLE and
+DEADLINE_EXCEEDED itself (backoff from 10 ms doubling to 60 s, 60 s per attempt) for up
+to 600 s, silently, and then ``finish_bundle`` raises a bare ``MutationsBatchError``
+(measured with the emulator gone: no counter, no log for 596 s, then "Errors in batch
+mutations."); the rows of that bundle are gone from the batcher. What happens next
+depends on the runner: the FnApiRunner (DirectRunner, batch) does not retry a bundle, it
+fails the whole job (measured: one attempt); Dataflow retries a batch work item 4 times
+and a streaming one until it succeeds. So the write here is our own DoFn
+(``_WriteRowsFn``) on the same client, with DirectRows as before: it keeps the bundle's
+rows, sends them with ``Table.mutate_rows`` (the client's own retry bounded to
+``call_budget_s``, each attempt to ``attempt_timeout_s``), and resends the rows that
+failed with a transient status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+ABORTED, INTERNAL) after an exponential backoff with jitter (``initial_backoff_s``
+doubling to ``max_backoff_s``), counting each resend in the ``bigtable_write_retries``
+counter. Resending is safe because every write is an idempotent overwrite (same cells,
+same revision timestamps). After ``give_up_after_s`` of failures (15 min by default,
+longer than the client's own 10), or at once on a permanent error (NOT_FOUND,
+PERMISSION_DENIED, ...), it raises ``BigtableWriteError``, which names the table, the
+rows not written and the last error, and says what to do: restore Bigtable and re-run
+the same input, which rewrites the same cells and doubles nothing.
+tests/test_bigtable_faults.py pauses the emulator (SIGSTOP) mid-write and resumes it:
+the resends are counted and the table ends equal to the oracle with no extra cell
+versions.
+
+Depends on Beam, google-cloud-bigtable and ``schemas`` only. Against the emulator set
+BIGTABLE_EMULATOR_HOST.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import random
 import struct
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import apache_beam as beam
-from apache_beam.io.gcp.bigtableio import WriteToBigTable
+from apache_beam.metrics import Metrics
 
 import schemas
 
@@ -143,29 +172,171 @@ def ensure_table(project: str, instance: str, table: str) -> None:
         tbl.column_family(FAMILY, gc_rule=_gc_rule()).update()
 
 
+METRICS_NAMESPACE = "clickstream"
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# gRPC status codes worth resending: the server is away, overloaded or timed out. Any
+# other code (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT, ...) will not heal by
+# waiting, so it fails the bundle at once.
+_TRANSIENT_CODES = frozenset({4, 8, 10, 13, 14})  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+#                                                   ABORTED, INTERNAL, UNAVAILABLE
+
+
+class BigtableWriteError(RuntimeError):
+    """Bigtable writes still failed after the bounded retries, or failed permanently."""
+
+
+class _Resend(Exception):
+    """Some rows failed with a transient status: back off and send them again."""
+
+
+def _transient(exc: BaseException) -> bool:
+    from google.api_core import exceptions
+
+    if isinstance(exc, _Resend | exceptions.RetryError):  # RetryError: client deadline
+        return True
+    code = getattr(exc, "grpc_status_code", None)
+    return code is not None and code.value[0] in _TRANSIENT_CODES
+
+
+@dataclass(frozen=True)
+class BigtableWriteConfig:
+    """Where and how the sink writes; small and picklable, shipped with the DoFn."""
+
+    project: str
+    instance: str
+    table: str
+    # 1000 rows per request, as Beam's WriteToBigTable: a request of aggregates is a few
+    # hundred KB, far below Bigtable's 100k mutations per request.
+    flush_count: int = 1000
+    create_table: bool = False
+    attempt_timeout_s: float = 20.0  # one RPC attempt
+    call_budget_s: float = 60.0      # the client's own fast retries within one call
+    initial_backoff_s: float = 1.0   # our backoff between calls, doubling ...
+    max_backoff_s: float = 60.0      # ... up to this
+    give_up_after_s: float = 900.0   # then BigtableWriteError
+
+    @property
+    def path(self) -> str:
+        return f"projects/{self.project}/instances/{self.instance}/tables/{self.table}"
+
+
+class _WriteRowsFn(beam.DoFn):
+    """Changelog rows -> Bigtable, resending transient failures with bounded backoff."""
+
+    def __init__(self, config: BigtableWriteConfig) -> None:
+        self._config = config
+        self._retries = Metrics.counter(METRICS_NAMESPACE, "bigtable_write_retries")
+        self._written = Metrics.counter(METRICS_NAMESPACE, "bigtable_rows_written")
+
+    def setup(self) -> None:
+        c = self._config
+        if c.create_table:
+            # Many workers may race here; ensure_table tolerates AlreadyExists.
+            self._with_backoff(lambda: ensure_table(c.project, c.instance, c.table),
+                               "create the table")
+        self._table = _table(c.project, c.instance, c.table)
+
+    def start_bundle(self) -> None:
+        self._rows: list[Any] = []
+
+    def process(self, row: Mapping[str, Any]) -> None:
+        self._rows.append(to_direct_row(row))
+        if len(self._rows) >= self._config.flush_count:
+            self._flush()
+
+    def finish_bundle(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        pending, self._rows = self._rows, []
+
+        def send() -> None:
+            nonlocal pending
+            failed = self._send(pending)
+            if failed:
+                status = failed[0][1]
+                message = (f"{len(failed)} of {len(pending)} rows failed, e.g. status "
+                           f"{status.code}: {status.message}")
+                pending = [row for row, _ in failed]
+                raise _Resend(message)
+
+        if pending:
+            self._with_backoff(send, f"write {len(pending)} rows")
+
+    def _send(self, rows: list[Any]) -> list[tuple[Any, Any]]:
+        """One mutate_rows call; returns the (row, status) pairs that failed transiently."""
+        from google.cloud.bigtable.table import DEFAULT_RETRY
+
+        c = self._config
+        statuses = self._table.mutate_rows(
+            rows, retry=DEFAULT_RETRY.with_deadline(c.call_budget_s),
+            timeout=c.attempt_timeout_s)
+        failed = [(row, st) for row, st in zip(rows, statuses, strict=True) if st.code != 0]
+        self._written.inc(len(rows) - len(failed))
+        permanent = [st for _, st in failed if st.code not in _TRANSIENT_CODES]
+        if permanent:
+            raise self._error(f"{len(permanent)} of {len(rows)} rows refused, status "
+                              f"{permanent[0].code}: {permanent[0].message}")
+        return failed
+
+    def _with_backoff(self, call: Callable[[], T], what: str) -> T:
+        c = self._config
+        started = time.monotonic()
+        delay = c.initial_backoff_s
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except BigtableWriteError:
+                raise
+            except Exception as exc:
+                waited = time.monotonic() - started
+                if not _transient(exc):
+                    raise self._error(f"could not {what}: {exc!r}") from exc
+                if waited + delay > c.give_up_after_s:
+                    raise self._error(f"could not {what} after {attempt} attempts over "
+                                      f"{waited:.0f} s; last error: {exc!r}") from exc
+                self._retries.inc()
+                log.warning("Bigtable %s: %s, attempt %d failed (%r); retrying in ~%.1f s",
+                            c.path, what, attempt, exc, delay)
+                # Jitter keeps many workers from hammering a recovering server in step.
+                time.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, c.max_backoff_s)
+                attempt += 1
+
+    def _error(self, what: str) -> BigtableWriteError:
+        return BigtableWriteError(
+            f"Bigtable {self._config.path}: {what}. Check that the instance is reachable "
+            "(BIGTABLE_EMULATOR_HOST for the emulator) and that the job may write to it, "
+            "then re-run the same input: every write is an idempotent overwrite (cell "
+            "timestamp = revision), so nothing doubles. To ride out longer outages raise "
+            "give_up_after_s (WriteChangelogToBigtable).")
+
+
 class WriteChangelogToBigtable(beam.PTransform):
     """Changelog row dicts -> one Bigtable row per (metric, granularity, dims, window).
 
     Skips retractions (sign -1); writes each +1 row with cell timestamps from its
     revision, so the newest cell is the latest revision and replays are overwrites.
-    The table must exist (``ensure_table``) before the pipeline runs.
+    With ``create_table`` each worker creates the table when missing (``ensure_table``);
+    otherwise it must exist before the pipeline runs. Failed writes are resent with
+    exponential backoff for up to ``give_up_after_s`` (see the module docstring); the
+    keyword arguments are the fields of ``BigtableWriteConfig``.
     """
 
-    def __init__(self, project: str, instance: str, table: str,
-                 flush_count: int | None = None):
+    def __init__(self, project: str, instance: str, table: str, **settings: Any):
         super().__init__()
-        self.project, self.instance, self.table = project, instance, table
-        self.flush_count = flush_count
+        if settings.get("flush_count") is None:
+            settings.pop("flush_count", None)
+        self.config = BigtableWriteConfig(project, instance, table, **settings)
 
     def expand(self, rows):
-        kwargs = {} if self.flush_count is None else {"flush_count": self.flush_count}
         return (
             rows
             | "SkipRetractions" >> beam.Filter(lambda r: int(r["sign"]) > 0)
-            | "ToDirectRow" >> beam.Map(to_direct_row)
-            | "WriteToBigTable" >> WriteToBigTable(
-                project_id=self.project, instance_id=self.instance,
-                table_id=self.table, **kwargs))
+            | "WriteRows" >> beam.ParDo(_WriteRowsFn(self.config)))
 
 
 def _dims_str(dims: str | Mapping[str, Any]) -> str:

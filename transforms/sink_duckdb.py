@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
@@ -154,3 +155,36 @@ def read_rows(path: str, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         return con.execute(sql, list(params)).fetchall()
     finally:
         con.close()
+
+
+_SERIES_COLUMNS = (*schemas.LATEST_COLUMNS, "pane_index")
+# metric_latest has no pane_index: it comes from the changelog row of the same revision
+# (sign +1), so a series row has the same fields as read_series_from_bigtable's.
+_SERIES_SQL = f"""
+    SELECT {", ".join(f"l.{c}" for c in schemas.LATEST_COLUMNS)}, c.pane_index
+    FROM metric_latest l
+    JOIN metric_changelog c
+      USING (metric, dims, granularity, window_start, revision)
+    WHERE c.sign > 0 AND l.metric = ? AND l.granularity = ? AND l.dims = ?
+      AND l.window_start >= coalesce(?, l.window_start)
+      AND l.window_start < coalesce(?, l.window_start + INTERVAL 1 SECOND)
+    ORDER BY l.window_start"""
+
+
+def read_series_from_duckdb(
+        path: str, metric: str, granularity: str,
+        dims: str | Mapping[str, Any] = "{}",
+        start: datetime | None = None, end: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """One metric's series for one dims value, oldest window first (metric_latest).
+
+    ``start`` is inclusive and ``end`` exclusive (window_start bounds, tz-aware), as in
+    ``sink_bigtable.read_series_from_bigtable``; each dict has the same keys.
+    """
+    dims = dims if isinstance(dims, str) else schemas.canonical_dims(dims)
+    rows = read_rows(path, _SERIES_SQL, (metric, granularity, dims, start, end))
+    series = [dict(zip(_SERIES_COLUMNS, row, strict=True)) for row in rows]
+    for row in series:
+        for column in ("window_start", "window_end", "emitted_at"):
+            row[column] = row[column].astimezone(UTC)
+    return series
