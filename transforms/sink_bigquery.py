@@ -96,17 +96,12 @@ def table_schema(table: str) -> dict[str, Any]:
 
 def create_parameters(table: str) -> dict[str, Any]:
     """Table resource fields besides the schema (partitioning, clustering, description),
-    as apitools messages, for ``BigQueryWriteFn(additional_bq_parameters=...)``: its
-    streaming path passes them to ``bigquery.Table(**params)`` unconverted."""
-    from apache_beam.io.gcp.internal.clients import bigquery as bq_api
-
+    for ``BigQueryWriteFn(additional_bq_parameters=...)``. Plain dicts, as Beam documents
+    them: apitools' ``bigquery.Table(**params)`` converts them, and apitools messages
+    with repeated fields (Clustering) do not pickle."""
     spec = _SPEC["tables"][table]
-    params: dict[str, Any] = {"description": spec["description"]}
-    if "timePartitioning" in spec:
-        params["timePartitioning"] = bq_api.TimePartitioning(**spec["timePartitioning"])
-    if "clustering" in spec:
-        params["clustering"] = bq_api.Clustering(fields=spec["clustering"]["fields"])
-    return params
+    return {k: spec[k] for k in ("description", "timePartitioning", "clustering")
+            if k in spec}
 
 
 def latest_view_sql(project: str, dataset: str) -> str:
