@@ -176,6 +176,7 @@ def bigquery_server(project: str = "local", timeout: float = 120.0,
         if data_dir is None:
             data_dir = stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="bigquery-data-"))
+        os.makedirs(data_dir, exist_ok=True)
         env = dict(os.environ, HOME=str(BIGQUERY_SERVER_DIR / "home"))
         cmd = [str(python.parent / "local-bigquery"), "serve", "--host", "127.0.0.1",
                "--port", str(port), "--grpc-port", str(grpc_port), "--project", project,

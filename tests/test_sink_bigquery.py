@@ -241,6 +241,7 @@ def expected(dataset: str) -> dict:
 
 def run_job(dataset: str, out: Path, bq: Any, bq_dataset: str) -> dict[str, int]:
     """The job's own graph (pipeline.job.build) with --bigquery_* flags."""
+    out.mkdir(parents=True, exist_ok=True)
     argv = ["--input_files", os.path.join(dataset, "events-*.jsonl"),
             "--duckdb_path", str(out / "out.duckdb"), "--bigquery_project", PROJECT,
             "--bigquery_dataset", bq_dataset]
