@@ -410,3 +410,37 @@ def test_server_stopped_mid_write_is_retried_with_backoff_without_doubles_or_gap
         for cm in (server, restarted):
             if cm is not None:
                 cm.__exit__(None, None, None)
+
+
+def test_a_dead_letter_bigquery_refuses_fails_the_job_instead_of_vanishing(bq):
+    bad = dict(DEAD_LETTERS[0], dead_letter_id="bad-0", reason=None)  # reason is REQUIRED
+    with pytest.raises(Exception, match="refused dead letter bad-0"):
+        write_rows(bq, "refused_dead", [], [bad])
+
+
+# --- flags ------------------------------------------------------------------------------
+
+def _target(*argv: str) -> tuple[str, str] | None:
+    return PipelineOptions(list(argv)).view_as(ClickstreamOptions).bigquery_target()
+
+
+def test_bigquery_flags_turn_the_sink_on_and_refuse_half_a_target():
+    assert _target() is None  # the default: DuckDB only
+    assert _target("--bigquery_project=p-123456", "--bigquery_dataset=d") == ("p-123456", "d")
+    assert _target("--project=job-proj", "--bigquery_dataset=d") == ("job-proj", "d")
+    with pytest.raises(SystemExit, match="bigquery_dataset"):
+        _target("--bigquery_project=p-123456")
+    with pytest.raises(SystemExit, match="--project"):
+        _target("--bigquery_dataset=d")
+
+
+def test_the_job_graph_has_the_bigquery_sink_only_when_asked(tmp_path):
+    def labels(*extra: str) -> set[str]:
+        options = PipelineOptions(["--input_files", str(tmp_path / "*.jsonl"), *extra])
+        p = beam.Pipeline(options=options)
+        build(p, options.view_as(ClickstreamOptions))
+        return {t.full_label for t in p.transforms_stack[0].parts}
+
+    assert "WriteBigQuery" not in labels()
+    assert {"WriteDuckDB", "WriteBigQuery"} <= labels("--bigquery_project=p-123456",
+                                                      "--bigquery_dataset=d")
