@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -444,3 +445,21 @@ def test_the_job_graph_has_the_bigquery_sink_only_when_asked(tmp_path):
     assert "WriteBigQuery" not in labels()
     assert {"WriteDuckDB", "WriteBigQuery"} <= labels("--bigquery_project=p-123456",
                                                       "--bigquery_dataset=d")
+
+
+def test_flex_template_regexes_accept_real_bigquery_names():
+    params = {p["name"]: p for p in json.loads(
+        (Path(__file__).resolve().parents[1] / "templates" / "metadata.json").read_text()
+    )["parameters"]}
+
+    def ok(name: str, value: str) -> bool:
+        return all(re.fullmatch(rx, value) for rx in params[name]["regexes"])
+
+    for good in ("", "my-project-123", "example.com:my-project"):
+        assert ok("bigquery_project", good), good
+    for bad in ("My_Project", "p", "-project", "project-", "a b"):
+        assert not ok("bigquery_project", bad), bad
+    for good in ("", "clickstream", "Click_Stream_2"):
+        assert ok("bigquery_dataset", good), good
+    for bad in ("click-stream", "a.b", "x y"):
+        assert not ok("bigquery_dataset", bad), bad
