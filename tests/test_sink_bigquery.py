@@ -201,6 +201,15 @@ def test_tables_are_partitioned_and_clustered_and_latest_is_a_view(bq):
     sink_bigquery.ensure_dataset_and_tables(PROJECT, "layout", bq)
     assert {t.table_id for t in bq.list_tables(f"{PROJECT}.layout")} == {
         "metric_changelog", "dead_letter", "metric_latest"}
+    # an outdated view definition is brought back to schemas/bigquery_metric_latest.sql
+    latest.view_query = f"SELECT metric FROM `{PROJECT}.layout.metric_changelog`"
+    bq.update_table(latest, ["view_query"])
+    assert "ROW_NUMBER()" not in bq.get_table(f"{PROJECT}.layout.metric_latest").view_query
+    sink_bigquery._ENSURED.clear()
+    sink_bigquery.ensure_dataset_and_tables(PROJECT, "layout", bq)
+    assert bq.get_table(f"{PROJECT}.layout.metric_latest").view_query.strip() == (
+        sink_bigquery.latest_view_sql(PROJECT, "layout").strip())
+    assert count(bq, "layout", "metric_latest") == 1
 
 
 def test_a_row_bigquery_refuses_goes_to_the_dead_letter_with_its_reason(bq):
