@@ -51,9 +51,6 @@ class ClickstreamMetrics(beam.PTransform):
         if not config.bounded:
             # Bounded input is never late (its watermark jumps to the end at once).
             unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
-        panes = (
-            unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
-            unique | "DailyMetrics" >> ComputeMetrics("day", config),
-        ) | "AllPanes" >> beam.Flatten()
+        panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
         changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s)
         return changelog, dead_letters

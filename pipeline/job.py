@@ -16,7 +16,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
 from transforms.parse import METRICS_NAMESPACE
-from transforms.progress import LogProgress
 from transforms.sink_bigquery import WriteChangelogToBigQuery
 from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles
@@ -85,9 +84,7 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     if not options.input_files:
         raise SystemExit("--input_files is required for a bounded run "
                          "(generate some with: clickstream generate --out DIR)")
-    payloads = (p
-                | "ReadFiles" >> ReadEventFiles(options.input_files)
-                | "Progress" >> LogProgress("records read"))
+    payloads = p | "ReadFiles" >> ReadEventFiles(options.input_files)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         options.metrics_config().for_bounded_input(), options.dedup_buckets,
         archive=options.raw_archive(bounded=True))

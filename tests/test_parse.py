@@ -10,9 +10,12 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given
+from hypothesis import strategies as st
 
 import schemas
-from transforms.parse import EventRules, InvalidEvent, ParseEvents, decode
+from pipeline.generator import GeneratorConfig, write_dataset
+from transforms.parse import EventRules, InvalidEvent, ParseEvents, decode, validate
 
 RULES = EventRules.from_schema(schemas.event_schema())
 NOW_MS = int(time.time() * 1000)
@@ -86,6 +89,61 @@ def test_each_rule_has_its_reason(reason: str, payload: bytes) -> None:
 ])
 def test_event_time_forms(event_time: object, expected_ms: int) -> None:
     assert decode(with_(event_time=event_time), RULES, NOW_MS).event_time_ms == expected_ms
+
+
+def _validate_or_reason(record: object) -> object:
+    try:
+        return validate(record, RULES, NOW_MS)
+    except InvalidEvent as invalid:
+        return invalid.reason
+
+
+def _assert_fast_path_agrees(record: object) -> None:
+    """The compiled fast path may decline (None) but never decides differently."""
+    fast = RULES.fast_path(record, NOW_MS)
+    if fast is not None:
+        assert fast == _validate_or_reason(record), record
+
+
+# Rules on the bytes are checked before any field is looked at.
+_FIELD_RULES = [(r, p) for r, p in INVALID
+                if r not in ("payload_too_large", "invalid_utf8", "malformed_json")]
+
+
+@pytest.mark.parametrize("reason,payload", _FIELD_RULES,
+                         ids=[f"{r}-{i}" for i, (r, _) in enumerate(_FIELD_RULES)])
+def test_fast_path_declines_every_invalid_case(reason: str, payload: bytes) -> None:
+    assert RULES.fast_path(json.loads(payload), NOW_MS) is None
+
+
+def test_fast_path_accepts_the_generated_events_exactly(tmp_path) -> None:
+    write_dataset(str(tmp_path), GeneratorConfig(events=3000, seed=5, shards=1))
+    accepted = 0
+    for line in (tmp_path / "events-00000-of-00001.jsonl").read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        _assert_fast_path_agrees(record)
+        accepted += RULES.fast_path(record, NOW_MS) is not None
+    assert accepted > 2500  # the common case takes the fast path
+
+
+_TIME_TEXT = st.from_regex(
+    r"\A\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{0,11})?([Zz]|[+-]\d{2}:?\d{2})?\Z")
+
+
+@given(event_time=st.one_of(_TIME_TEXT, st.integers(), st.booleans(), st.none(),
+                            st.floats(allow_nan=False), st.text(max_size=40)),
+       user_id=st.one_of(st.none(), st.text(max_size=3), st.integers()),
+       event_type=st.one_of(st.sampled_from(["page_view", "Tap", "a" * 65, ""]),
+                            st.text(max_size=5)),
+       properties=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.one_of(
+           st.text(max_size=3), st.integers()), max_size=2), st.lists(st.text())))
+def test_fast_path_never_disagrees_with_the_rules(event_time, user_id, event_type,
+                                                  properties) -> None:
+    _assert_fast_path_agrees({**GOOD, "event_time": event_time, "user_id": user_id,
+                              "event_type": event_type, "properties": properties})
 
 
 def test_optional_fields_and_identity() -> None:

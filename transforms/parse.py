@@ -11,8 +11,8 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
@@ -64,34 +64,39 @@ class EventRules:
     min_event_time_ms: int
     max_ahead_ms: int
     string_rules: tuple[tuple[str, bool, int, int, re.Pattern | None], ...]
+    # record, now_ms → Event, or None when any rule may be broken (see compile_fast_path)
+    fast_path: Callable[[Any, int], Event | None] = field(compare=False, repr=False,
+                                                          default=lambda record, now: None)
 
     @classmethod
     def from_schema(cls, schema: dict) -> EventRules:
         rules = []
         min_ms = 0
         max_ahead_s = 0
-        for field in schema["fields"]:
-            name, ftype = field["name"], field["type"]
+        for spec in schema["fields"]:
+            name, ftype = spec["name"], spec["type"]
             if name == "event_time":
-                min_dt = datetime.fromisoformat(field["x-min"].replace("Z", "+00:00"))
+                min_dt = datetime.fromisoformat(spec["x-min"].replace("Z", "+00:00"))
                 min_ms = int(min_dt.timestamp() * 1000)
-                max_ahead_s = int(field["x-maxAheadOfProcessingSeconds"])
+                max_ahead_s = int(spec["x-maxAheadOfProcessingSeconds"])
                 continue
             if ftype == "string" or ftype == ["null", "string"]:
-                pattern = field.get("x-pattern")
+                pattern = spec.get("x-pattern")
                 rules.append((
                     name,
                     ftype == "string",
-                    int(field.get("x-minLength", 0)),
-                    int(field.get("x-maxLength", 1 << 30)),
+                    int(spec.get("x-minLength", 0)),
+                    int(spec.get("x-maxLength", 1 << 30)),
                     re.compile(pattern) if pattern else None,
                 ))
-        return cls(
+        rules_without_fast_path = cls(
             max_record_bytes=int(schema["x-maxRecordBytes"]),
             min_event_time_ms=min_ms,
             max_ahead_ms=max_ahead_s * 1000,
             string_rules=tuple(rules),
         )
+        return replace(rules_without_fast_path,
+                       fast_path=compile_fast_path(rules_without_fast_path))
 
 
 def parse_event_time(value: Any) -> int:
@@ -114,7 +119,8 @@ def parse_event_time(value: Any) -> int:
         parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError as exc:
         raise InvalidEvent(Reason.EVENT_TIME_UNPARSEABLE, str(exc)) from None
-    return int(parsed.timestamp() * 1000)
+    # Integer arithmetic: float timestamp() * 1000 can land a millisecond short.
+    return (parsed - _EPOCH) // _ONE_MS
 
 
 def validate(record: Any, rules: EventRules, now_ms: int) -> Event:
@@ -173,6 +179,86 @@ def validate(record: Any, rules: EventRules, now_ms: int) -> Event:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def common_rfc3339_ms(value: str) -> int | None:
+    """Epoch ms of `YYYY-MM-DDTHH:MM:SS[.f{1,9}](Z|±HH:MM)`, else None (ask
+    parse_event_time). Checks by position what _RFC3339 checks by regex (measured: the
+    regex ~1.8 µs, this ~0.3 µs); fromisoformat checks the digits."""
+    if len(value) < 20 or value[10] != "T" or value[4] != "-" or value[7] != "-" \
+            or value[13] != ":" or value[16] != ":":
+        return None
+    if value[-1] == "Z":
+        fraction, iso = value[19:-1], value[:-1] + "+00:00"
+    elif value[-6] in "+-" and value[-3] == ":":
+        fraction, iso = value[19:-6], value
+    else:
+        return None
+    if fraction and not (fraction[0] == "." and 2 <= len(fraction) <= 10
+                         and fraction[1:].isascii() and fraction[1:].isdigit()):
+        return None
+    try:
+        return (datetime.fromisoformat(iso) - _EPOCH) // _ONE_MS
+    except ValueError:
+        return None
+
+
+_EVENT_FIELDS_IN_ORDER = ("event_id", "event_type", "device_id", "user_id", "session_id",
+                          "platform")
+
+
+def compile_fast_path(rules: EventRules) -> Callable[[Any, int], Event | None]:
+    """The schema's rules as one straight-line function that accepts the common case.
+
+    It returns the Event when every rule holds, or None as soon as one might not, and
+    `validate` then finds and names the broken rule: the fast path decides nothing
+    the generic checks would decide differently, it only answers "valid" sooner.
+    Generated as source, as `dataclasses` does, because a loop over the compiled rules
+    cost ~8 µs an event (a third of parsing, measured with cProfile at 1M events) and
+    straight-line code with the constants inlined a fraction of that.
+    """
+    by_name = {rule[0]: rule for rule in rules.string_rules}
+    if set(by_name) != set(_EVENT_FIELDS_IN_ORDER):  # a schema this code does not know
+        return lambda record, now_ms: None
+    lines = ["def fast_path(record, now_ms):",
+             "    if type(record) is not dict: return None",
+             "    get = record.get"]
+    env: dict[str, Any] = {"Event": Event, "rfc3339_ms": common_rfc3339_ms}
+    for i, name in enumerate(_EVENT_FIELDS_IN_ORDER):
+        _, required, min_len, max_len, pattern = by_name[name]
+        var = f"v{i}"
+        checks = [f"type({var}) is not str", f"not {min_len} <= len({var}) <= {max_len}"]
+        if pattern is not None:
+            env[f"pattern{i}"] = pattern.match
+            checks.append(f"pattern{i}({var}) is None")
+        lines.append(f"    {var} = get({name!r})")
+        if required:
+            lines.append(f"    if {' or '.join(checks)}: return None")
+        else:
+            lines.append(f"    if {var} is not None and ({' or '.join(checks)}): return None")
+    lines += [
+        "    t = get('event_time')",
+        "    if type(t) is int: ms = t",  # bool is not int here: type() is exact
+        "    elif type(t) is str:",
+        "        ms = rfc3339_ms(t)",
+        "        if ms is None: return None",
+        "    else: return None",
+        f"    if ms < {rules.min_event_time_ms} or ms > now_ms + {rules.max_ahead_ms}:",
+        "        return None",
+        "    properties = get('properties')",
+        "    if properties is None: properties = {}",
+        "    elif type(properties) is not dict: return None",
+        "    else:",
+        "        for value in properties.values():",
+        "            if type(value) is not str: return None",
+        "    return Event(v0, v1, ms, v2, v3, v4, v5, properties)",
+    ]
+    exec("\n".join(lines), env)  # source built above from the schema only
+    return env["fast_path"]
+
+
 def decode(payload: bytes, rules: EventRules, now_ms: int) -> Event:
     """Raw bytes to an Event, checking size, encoding and JSON before the fields."""
     if len(payload) > rules.max_record_bytes:
@@ -186,7 +272,8 @@ def decode(payload: bytes, rules: EventRules, now_ms: int) -> Event:
         except UnicodeDecodeError as utf8_error:
             raise InvalidEvent(Reason.INVALID_UTF8, str(utf8_error)) from None
         raise InvalidEvent(Reason.MALFORMED_JSON, str(exc)) from None
-    return validate(record, rules, now_ms)
+    event = rules.fast_path(record, now_ms)
+    return event if event is not None else validate(record, rules, now_ms)
 
 
 def dead_letter_row(payload: bytes, reason: str, detail: str,
