@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -15,6 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
 from transforms.parse import METRICS_NAMESPACE
+from transforms.sink_bigquery import WriteChangelogToBigQuery
 from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles
 
@@ -75,7 +77,10 @@ def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return counters
 
 
-def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
+def build(p: beam.Pipeline, options: ClickstreamOptions, *,
+          bigquery_test_client: Any = None) -> None:
+    """The bounded job's graph. ``bigquery_test_client``: tests only, not a flag (Beam's
+    ``WriteToBigQuery`` has no endpoint option; see transforms/sink_bigquery.py)."""
     if not options.input_files:
         raise SystemExit("--input_files is required for a bounded run "
                          "(generate some with: clickstream generate --out DIR)")
@@ -87,6 +92,10 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
     bigtable = options.bigtable_sink()
     if bigtable is not None:
         changelog | "WriteBigtable" >> bigtable
+    bigquery = options.bigquery_target()
+    if bigquery is not None:
+        (changelog, dead_letters) | "WriteBigQuery" >> WriteChangelogToBigQuery(
+            *bigquery, test_client=bigquery_test_client)
 
 
 def _report_progress(result: beam.runners.runner.PipelineResult, started: float,

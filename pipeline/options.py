@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
@@ -63,6 +63,12 @@ class ClickstreamOptions(PipelineOptions):
         group.add_argument("--bigtable_table", default="",
                            help="Bigtable table id; created with its column family when "
                                 "missing.")
+        group.add_argument("--bigquery_dataset", default="",
+                           help="BigQuery dataset that also receives metric_changelog, "
+                                "dead_letter and the metric_latest view (created when "
+                                "missing; empty: no BigQuery sink).")
+        group.add_argument("--bigquery_project", default="",
+                           help="Project of --bigquery_dataset (empty: --project).")
 
     def raw_archive(self, bounded: bool) -> WriteRawArchive | None:
         """The raw archive stage for --archive_path, or None when it is empty."""
@@ -84,6 +90,21 @@ class ClickstreamOptions(PipelineOptions):
             raise SystemExit("--bigtable_project, --bigtable_instance and --bigtable_table "
                              "go together: give all three, or none for no Bigtable sink")
         return WriteChangelogToBigtable(*given, create_table=True)
+
+    def bigquery_target(self) -> tuple[str, str] | None:
+        """(project, dataset) of the BigQuery sink, or None when --bigquery_dataset is empty.
+
+        A project without a dataset is refused rather than ignored: a sink that was asked
+        for must not be silently off.
+        """
+        if not self.bigquery_dataset:
+            if self.bigquery_project:
+                raise SystemExit("--bigquery_project needs --bigquery_dataset")
+            return None
+        project = self.bigquery_project or self.view_as(GoogleCloudOptions).project
+        if not project:
+            raise SystemExit("--bigquery_dataset needs --bigquery_project (or --project)")
+        return project, self.bigquery_dataset
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(

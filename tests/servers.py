@@ -165,19 +165,27 @@ def ensure_bigquery_server_installed() -> None:
 
 @contextlib.contextmanager
 def bigquery_server(project: str = "local", timeout: float = 120.0,
-                    install: bool = True) -> Iterator[str]:
-    """``local-bigquery`` on 127.0.0.1 with a fresh data dir; yields ``host:port``.
+                    install: bool = True, data_dir: str | None = None,
+                    port: int | None = None) -> Iterator[str]:
+    """``local-bigquery`` on 127.0.0.1; yields ``host:port``.
 
     REST is served under ``http://host:port/bigquery/v2/``. Its DuckDB extensions are
     installed in the venv dir's ``home/`` (HOME is pointed there), never downloaded.
+    ``data_dir`` None: a fresh temporary one. Give a ``data_dir`` and ``port`` to restart
+    a stopped server with its data (tables live in DuckLake files there) at the same
+    address; its insertId memory (best-effort dedup, 60 s) is in-process and is lost.
     """
     if install:
         ensure_bigquery_server_installed()
     python = bigquery_server_python()
     if not python.exists():
         raise ServerError(f"{python} missing: run scripts/setup_bigquery_server")
-    port, grpc_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="bigquery-data-") as data_dir:
+    port, grpc_port = port or free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="bigquery-data-"))
+        os.makedirs(data_dir, exist_ok=True)
         env = dict(os.environ, HOME=str(BIGQUERY_SERVER_DIR / "home"))
         cmd = [str(python.parent / "local-bigquery"), "serve", "--host", "127.0.0.1",
                "--port", str(port), "--grpc-port", str(grpc_port), "--project", project,
