@@ -16,9 +16,11 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.deduplicate import DeduplicatePerKey
 from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
+from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event
 from transforms.parse import METRICS_NAMESPACE
 from transforms.sink_duckdb import WriteToDuckDB
@@ -50,8 +52,28 @@ class _CountFn(beam.DoFn):
         self._seen = 0
 
 
+class _CountAndBatchFn(beam.DoFn):
+    """Unique events → one EventBatch per bundle (the dedup stage's output type),
+    counting them; the per-event hand-over here replaces the graph's own."""
+
+    def __init__(self, name: str) -> None:
+        self._counter = Metrics.counter(METRICS_NAMESPACE, name)
+
+    def start_bundle(self) -> None:
+        self._batcher: BundleBatcher[None] = BundleBatcher()
+
+    def process(self, event: Event) -> None:
+        self._batcher.add(None, event)
+
+    def finish_bundle(self) -> Iterable[WindowedValue]:
+        for _, batch, earliest in self._batcher.drain():
+            self._counter.inc(len(batch))
+            yield in_global_window(batch, earliest)
+
+
 class BeamDeduplicatePerKey(beam.PTransform):
-    """Events → the first copy of each event_id, with Beam's DeduplicatePerKey."""
+    """Events → the first copy of each event_id (as EventBatches), with Beam's
+    DeduplicatePerKey."""
 
     def __init__(self, allowed_lateness_s: int) -> None:
         super().__init__()
@@ -66,7 +88,8 @@ class BeamDeduplicatePerKey(beam.PTransform):
             | "DeduplicatePerKey" >> DeduplicatePerKey(
                 event_time_duration=Duration(seconds=self._allowed_lateness_s))
             | "Values" >> beam.Values().with_output_types(Event)
-            | "CountUnique" >> beam.ParDo(_CountFn(UNIQUE_COUNTER)).with_output_types(Event))
+            | "CountUnique" >> beam.ParDo(_CountAndBatchFn(UNIQUE_COUNTER)
+                                          ).with_output_types(EventBatch))
 
 
 def build_baseline(p: beam.Pipeline, options: ClickstreamOptions) -> None:

@@ -21,7 +21,7 @@ class ClickstreamMetrics(beam.PTransform):
                                       ├→ raw archive (optional)
                                       └→ too-late counts
 
-    `dedup` replaces the dedup stage (Events → unique Events, timestamps kept), e.g. to
+    `dedup` replaces the dedup stage (Events → unique EventBatches), e.g. to
     benchmark another implementation; by default it is DeduplicateEvents. `archive`
     (e.g. WriteRawArchive) gets the unique events before any windowing, so events too
     late for their windows still land there; `too_late.hour` and `too_late.day` count

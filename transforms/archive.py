@@ -39,12 +39,12 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as triggers
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
-from transforms.events import Event, decode_events, encode_events
+from transforms.batching import BundleBatcher, EventBatch, in_global_window
+from transforms.events import decode_events, encode_events
 
 METRICS_NAMESPACE = "clickstream"
 ARCHIVE_GLOB = "event_date=*/event_hour=*/*.avro"
@@ -151,35 +151,25 @@ class BatchByDestinationFn(beam.DoFn):
         self._partitions: dict[int, str] = {}  # hour index → partition directory
 
     def start_bundle(self) -> None:
-        self._batches: dict[Destination, list[Event]] = {}
-        self._earliest_ms: dict[Destination, int] = {}
+        self._batcher: BundleBatcher[Destination] = BundleBatcher()
 
-    def process(self, event: Event) -> None:
-        hour = event.event_time_ms // 3_600_000
-        partition = self._partitions.get(hour)
-        if partition is None:
-            if len(self._partitions) > 10_000:
-                self._partitions.clear()
-            partition = self._partitions[hour] = partition_of(event.event_time_ms)
-        destination = (partition, archive_bucket(event.event_id, self._buckets))
-        batch = self._batches.get(destination)
-        if batch is None:
-            batch = self._batches[destination] = []
-            self._earliest_ms[destination] = event.event_time_ms
-        elif event.event_time_ms < self._earliest_ms[destination]:
-            self._earliest_ms[destination] = event.event_time_ms
-        batch.append(event)
+    def process(self, unique: EventBatch) -> None:
+        for event in unique:
+            hour = event.event_time_ms // 3_600_000
+            partition = self._partitions.get(hour)
+            if partition is None:
+                if len(self._partitions) > 10_000:
+                    self._partitions.clear()
+                partition = self._partitions[hour] = partition_of(event.event_time_ms)
+            self._batcher.add((partition, archive_bucket(event.event_id, self._buckets)),
+                              event)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
         archived = 0
-        for destination, batch in self._batches.items():
+        for destination, batch, earliest in self._batcher.drain():
             archived += len(batch)
-            yield WindowedValue((destination, encode_events(batch)),
-                                Timestamp(micros=self._earliest_ms[destination] * 1000),
-                                (GlobalWindow(),))
+            yield in_global_window((destination, encode_events(batch)), earliest)
         self._events.inc(archived)
-        self._batches = {}
-        self._earliest_ms = {}
 
 
 class VerifyArchiveFilesFn(beam.DoFn):
@@ -202,7 +192,7 @@ class VerifyArchiveFilesFn(beam.DoFn):
 
 
 class WriteRawArchive(beam.PTransform):
-    """Unique Events → Avro files under `base_path`, by event date and hour.
+    """Unique events (EventBatches) → Avro files under `base_path`, by event date and hour.
 
     Returns the paths of the files written. `bounded` input is written once at the end;
     unbounded input is re-windowed into the global window and flushed every `flush_s`

@@ -44,7 +44,7 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWind
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.events import Event
+from transforms.batching import EventBatch
 
 METRICS_NAMESPACE = "clickstream"
 WINDOW_MS = {"hour": 3_600_000, "day": 86_400_000}
@@ -75,18 +75,20 @@ class CountPerWindowFn(beam.DoFn):
         self._counts: dict[WindowKey, int] = {}
         self._earliest_ms: dict[WindowKey, int] = {}
 
-    def process(self, event: Event) -> None:
-        t = event.event_time_ms
-        for granularity, size in self._sizes:
-            key = (granularity, t - t % size)
-            n = self._counts.get(key)
-            if n is None:
-                self._counts[key] = 1
-                self._earliest_ms[key] = t
-            else:
-                self._counts[key] = n + 1
-                if t < self._earliest_ms[key]:
-                    self._earliest_ms[key] = t
+    def process(self, unique: EventBatch) -> None:
+        counts, earliest = self._counts, self._earliest_ms
+        for event in unique:
+            t = event.event_time_ms
+            for granularity, size in self._sizes:
+                key = (granularity, t - t % size)
+                n = counts.get(key)
+                if n is None:
+                    counts[key] = 1
+                    earliest[key] = t
+                else:
+                    counts[key] = n + 1
+                    if t < earliest[key]:
+                        earliest[key] = t
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
         for key, n in self._counts.items():

@@ -21,6 +21,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from transforms.batching import EventBatch
 from transforms.distinct import DEFAULT_LG_K, distinct_count_fn
 from transforms.events import Event
 from transforms.funnel import FunnelFn, funnel_dims
@@ -170,20 +171,21 @@ class PreAggregateFn(beam.DoFn):
         # (granularity, metric, dims, window start ms) → [accumulator, earliest ms]
         self._partials: dict[tuple[str, str, str, int], list] = {}
 
-    def process(self, event: Event) -> None:
-        t = event.event_time_ms
+    def process(self, unique: EventBatch) -> None:
         partials = self._partials
-        for granularity, size_ms, specs in self._plans:
-            window = t - t % size_ms
-            for spec in specs:
-                for dims, value in spec.contributions(event):
-                    key = (granularity, spec.name, dims, window)
-                    partial = partials.get(key)
-                    if partial is None:
-                        partial = partials[key] = [spec.combine_fn.create_accumulator(), t]
-                    elif t < partial[1]:
-                        partial[1] = t
-                    partial[0] = spec.combine_fn.add_input(partial[0], value)
+        for event in unique:
+            t = event.event_time_ms
+            for granularity, size_ms, specs in self._plans:
+                window = t - t % size_ms
+                for spec in specs:
+                    for dims, value in spec.contributions(event):
+                        key = (granularity, spec.name, dims, window)
+                        partial = partials.get(key)
+                        if partial is None:
+                            partial = partials[key] = [spec.combine_fn.create_accumulator(), t]
+                        elif t < partial[1]:
+                            partial[1] = t
+                        partial[0] = spec.combine_fn.add_input(partial[0], value)
 
     def finish_bundle(self) -> Iterable[beam.pvalue.TaggedOutput]:
         for (granularity, metric, dims, window), (acc, earliest_ms) in \
@@ -214,7 +216,7 @@ class MergePartialsFn(beam.CombineFn):
 
 
 class ComputeMetrics(beam.PTransform):
-    """Unique events → MetricPanes of every metric at each granularity (hour, day)."""
+    """Unique events (EventBatches) → MetricPanes of every metric, hourly and daily."""
 
     def __init__(self, config: MetricsConfig,
                  granularities: Sequence[str] = ("hour", "day")) -> None:
