@@ -52,5 +52,6 @@ class ClickstreamMetrics(beam.PTransform):
             # Bounded input is never late (its watermark jumps to the end at once).
             unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
         panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
-        changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s)
+        changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
+                                                             bounded=config.bounded)
         return changelog, dead_letters

@@ -43,6 +43,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# Event time between a window's final mark and forgetting it: far beyond the moment a
+# runner could still deliver a pane for it (Prism: just after the horizon timer).
+CLEANUP_AFTER_S = 86_400
+
+
 def _timestamp(dt: datetime) -> Timestamp:
     return Timestamp(micros=int(dt.timestamp() * 1_000_000))
 
@@ -78,16 +83,20 @@ class EmitRetractionsFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("window_state", PickleCoder())
     WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
     HORIZON = TimerSpec("horizon", TimeDomain.WATERMARK)
+    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
 
-    def __init__(self, allowed_lateness_s: int, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, allowed_lateness_s: int, clock: Callable[[], datetime] = _now,
+                 cleanup_after_s: int | None = CLEANUP_AFTER_S) -> None:
         self._allowed_lateness_s = allowed_lateness_s
         self._clock = clock
+        self._cleanup_after_s = cleanup_after_s
         self._revisions = Metrics.counter(METRICS_NAMESPACE, "changelog_revisions")
         self._retractions = Metrics.counter(METRICS_NAMESPACE, "changelog_retractions")
         self._finalized = Metrics.counter(METRICS_NAMESPACE, "windows_finalized")
         self._unchanged = Metrics.counter(METRICS_NAMESPACE, "panes_unchanged")
         self._out_of_order = Metrics.counter(METRICS_NAMESPACE, "panes_out_of_order")
         self._after_final = Metrics.counter(METRICS_NAMESPACE, "panes_after_final")
+        self._forgotten = Metrics.counter(METRICS_NAMESPACE, "windows_forgotten")
 
     def process(
         self,
@@ -152,11 +161,15 @@ class EmitRetractionsFn(beam.DoFn):
             state.write(current)
 
     @on_timer(HORIZON)
-    def finalize(self, state=beam.DoFn.StateParam(STATE)
+    def finalize(self, fired_at=beam.DoFn.TimestampParam,
+                 state=beam.DoFn.StateParam(STATE),
+                 cleanup_timer=beam.DoFn.TimerParam(CLEANUP),
                  ) -> Iterable[schemas.ChangelogRow]:
         current: _WindowState | None = state.read()
         if current is None:
             return
+        if self._cleanup_after_s is not None:
+            cleanup_timer.set(fired_at + self._cleanup_after_s)
         emitted_at = self._clock()
         for key, last in list(current.last.items()):
             final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
@@ -164,12 +177,19 @@ class EmitRetractionsFn(beam.DoFn):
             self._finalized.inc()
             yield from self._replace(last, final)
             current.last[key] = final
-        # Kept, not cleared (one row per metric and dims, a few hundred bytes): a pane
-        # that still arrives must continue the revisions, not restart them at 1 where
-        # the sinks' keyed writes would drop it.
+        # Kept until the cleanup timer, not cleared now: a pane that still arrives (Prism
+        # delivered one after this timer) must continue the revisions, not restart them
+        # at 1 where the sinks' keyed writes would drop it.
         current.finalized = True
         current.seen_on_time.clear()
         state.write(current)
+
+    @on_timer(CLEANUP)
+    def forget_window(self, state=beam.DoFn.StateParam(STATE)) -> None:
+        """Long after the horizon no pane can arrive (the windowing drops its data), so
+        the window's rows can go: without this, state grows by every window forever."""
+        self._forgotten.inc()
+        state.clear()
 
     def _replace(self, last: schemas.ChangelogRow | None, new: schemas.ChangelogRow
                  ) -> Iterable[schemas.ChangelogRow]:
@@ -181,13 +201,19 @@ class EmitRetractionsFn(beam.DoFn):
 
 
 class RetractingChangelog(beam.PTransform):
-    """MetricPanes (any windowing) → changelog rows in the global window."""
+    """MetricPanes (any windowing) → changelog rows in the global window.
+
+    Unbounded input drops a window's state `CLEANUP_AFTER_S` of event time after its
+    horizon; a bounded run ends instead (its timers all fire at the end, where a pane
+    Prism delivers late must still find the window's revisions).
+    """
 
     def __init__(self, allowed_lateness_s: int,
-                 clock: Callable[[], datetime] = _now) -> None:
+                 clock: Callable[[], datetime] = _now, bounded: bool = False) -> None:
         super().__init__()
         self._allowed_lateness_s = allowed_lateness_s
         self._clock = clock
+        self._cleanup_after_s = None if bounded else CLEANUP_AFTER_S
 
     def expand(self, panes: beam.PCollection) -> beam.PCollection:
         return (
@@ -197,4 +223,5 @@ class RetractingChangelog(beam.PTransform):
                 lambda p: ((p.granularity, p.window_start.isoformat()), p)
             ).with_output_types(Tuple[Tuple[str, str], Any])  # noqa: UP006 - a str key
             | "EmitRetractions" >> beam.ParDo(
-                EmitRetractionsFn(self._allowed_lateness_s, self._clock)))
+                EmitRetractionsFn(self._allowed_lateness_s, self._clock,
+                                  self._cleanup_after_s)))
