@@ -1,0 +1,107 @@
+"""Watermark lag, measured inside the graph so that every runner reports it.
+
+The lag is wall-clock time minus the event-time watermark: how far behind real time the
+on-time panes are. Python DoFns cannot read the watermark, but an event-time timer fires
+when the watermark passes its time, so a timer set at the newest event time seen tells,
+when it fires, that the watermark has just reached that time: lag = now - timer time.
+The samples go to a Beam gauge (`watermark_lag_s`, the latest) and a distribution
+(`watermark_lag_ms`), which DirectRunner, Prism and Flink return through the job's
+metrics, Dataflow shows as custom job metrics, and the streaming job prints with its
+progress; each sample is also emitted as a `WatermarkLag` element.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.batching import EventBatch
+
+METRICS_NAMESPACE = "clickstream"
+DEFAULT_PERIOD_S = 60
+
+
+class WatermarkLag(NamedTuple):
+    watermark_s: float  # the event time the watermark had just passed
+    measured_at_s: float  # wall clock
+    lag_s: float
+
+
+class ProbeWatermarkFn(beam.DoFn):
+    """One key: arms an event-time timer at the newest event time seen (rounded up to
+    the period), and when it fires reports now - that time.
+
+    The newest time, never an older one: a late element's time is behind the
+    watermark, and a timer there would fire at once and report the element's lateness
+    instead. One timer at a time, moved forward by newer data (so the sample is taken
+    when the watermark reaches the newest data, at most one per period of event time),
+    and armed only by new data, so an idle or finished stream (watermark at infinity)
+    stops sampling instead of spinning.
+    """
+
+    TICK_MS = ReadModifyWriteStateSpec("tick_ms", VarIntCoder())  # armed or last fired
+    ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
+    TICK = TimerSpec("tick", TimeDomain.WATERMARK)
+
+    def __init__(self, period_s: int, clock: Callable[[], float]) -> None:
+        self._period_ms = period_s * 1000
+        self._clock = clock
+        self._gauge = Metrics.gauge(METRICS_NAMESPACE, "watermark_lag_s")
+        self._distribution = Metrics.distribution(METRICS_NAMESPACE, "watermark_lag_ms")
+
+    def process(self, keyed: tuple[str, int],
+                tick_ms=beam.DoFn.StateParam(TICK_MS),
+                armed=beam.DoFn.StateParam(ARMED),
+                tick=beam.DoFn.TimerParam(TICK)) -> None:
+        _, newest_ms = keyed
+        at_ms = -(-newest_ms // self._period_ms) * self._period_ms  # rounded up
+        if armed.read():
+            if at_ms > (tick_ms.read() or 0):  # newer data: wait for the watermark there
+                tick.set(Timestamp(micros=at_ms * 1000))
+                tick_ms.write(at_ms)
+        elif at_ms > (tick_ms.read() or 0):  # not data the last sample already covered
+            tick.set(Timestamp(micros=at_ms * 1000))
+            tick_ms.write(at_ms)
+            armed.write(True)
+
+    @on_timer(TICK)
+    def sample(self, fired_at=beam.DoFn.TimestampParam,
+               armed=beam.DoFn.StateParam(ARMED)) -> Iterable[WatermarkLag]:
+        armed.write(False)
+        now_s = self._clock()
+        watermark_s = fired_at.micros / 1e6
+        lag_s = max(0.0, now_s - watermark_s)
+        self._gauge.set(int(lag_s))
+        self._distribution.update(int(lag_s * 1000))
+        yield WatermarkLag(watermark_s, now_s, lag_s)
+
+
+class MeasureWatermarkLag(beam.PTransform):
+    """Unique EventBatches → WatermarkLag samples (and the watermark_lag_* metrics)."""
+
+    def __init__(self, period_s: int = DEFAULT_PERIOD_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self._period_s = period_s
+        self._clock = clock
+
+    def expand(self, unique: beam.PCollection) -> beam.PCollection:
+        return (
+            unique
+            # One key: a handful of elements per bundle (one per batch), all on one worker.
+            | "NewestEventTime" >> beam.Map(
+                lambda batch: ("watermark", max(e.event_time_ms for e in batch))
+            ).with_input_types(EventBatch).with_output_types(Tuple[str, int])  # noqa: UP006
+            | "Probe" >> beam.ParDo(ProbeWatermarkFn(self._period_s, self._clock)))
