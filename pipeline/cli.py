@@ -57,7 +57,9 @@ def _query(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="clickstream query", epilog="Connection flags as for `clickstream run`: "
-        "--duckdb_path, --bigtable_project/--bigtable_instance/--bigtable_table.")
+        "--duckdb_path, --bigtable_project/--bigtable_instance/--bigtable_table, "
+        "--bigquery_project/--bigquery_dataset (plus --bigquery_endpoint for a local "
+        "BigQuery server).")
     add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     # The stores' connection flags are the job's own options, parsed the same way.

@@ -57,7 +57,28 @@ def parse_dims(text: str) -> str:
     return schemas.canonical_dims(dims)
 
 
-def _bigquery_reader(project: str, dataset: str) -> SeriesReader:
+def bigquery_client(project: str, endpoint: str) -> Any:
+    """A google-cloud-bigquery client for ``--bigquery_endpoint``, or None for Google's.
+
+    An endpoint is a local server speaking the BigQuery REST API (e.g. local-bigquery at
+    ``http://127.0.0.1:9050``, REST under ``/bigquery/v2/``): it gets anonymous
+    credentials, as no such server checks them. None lets ``read_series_from_bigquery``
+    build its default client (Application Default Credentials).
+    """
+    if not endpoint:
+        return None
+    if "://" not in endpoint:
+        raise QueryError(f"--bigquery_endpoint needs a scheme: {endpoint!r} "
+                         "(e.g. http://127.0.0.1:9050)")
+    from google.api_core.client_options import ClientOptions
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import bigquery
+
+    return bigquery.Client(project=project, credentials=AnonymousCredentials(),
+                           client_options=ClientOptions(api_endpoint=endpoint.rstrip("/")))
+
+
+def _bigquery_reader(project: str, dataset: str, endpoint: str = "") -> SeriesReader:
     try:
         module = importlib.import_module("transforms.sink_bigquery")
     except ModuleNotFoundError as exc:
@@ -69,7 +90,9 @@ def _bigquery_reader(project: str, dataset: str) -> SeriesReader:
     if not (project and dataset):
         raise QueryError("--from bigquery needs --bigquery_project and --bigquery_dataset")
     read = module.read_series_from_bigquery
-    return lambda m, g, d, s, e: read(project, dataset, m, g, d, s, e)
+    view = module.LATEST_VIEW  # the sink's metric_latest view, where Bigtable has a table
+    client = bigquery_client(project, endpoint)
+    return lambda m, g, d, s, e: read(project, dataset, view, m, g, d, s, e, client=client)
 
 
 def reader_for(store: str, settings: Mapping[str, str]) -> SeriesReader:
@@ -89,7 +112,8 @@ def reader_for(store: str, settings: Mapping[str, str]) -> SeriesReader:
                              "--bigtable_instance and --bigtable_table")
         return lambda m, g, d, s, e: read_series_from_bigtable(*where, m, g, d, s, e)
     if store == "bigquery":
-        return _bigquery_reader(settings["bigquery_project"], settings["bigquery_dataset"])
+        return _bigquery_reader(settings["bigquery_project"], settings["bigquery_dataset"],
+                                settings.get("bigquery_endpoint", ""))
     raise QueryError(f"unknown store {store!r}; one of {', '.join(STORES)}")
 
 
@@ -154,12 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", dest="fmt", default="table", choices=FORMATS)
     parser.add_argument("--bigquery_project", default="")
     parser.add_argument("--bigquery_dataset", default="")
+    parser.add_argument("--bigquery_endpoint", default="",
+                        help="BigQuery REST endpoint of a local server, e.g. "
+                        "http://127.0.0.1:9050 (anonymous credentials); empty: Google's")
 
 
 def run_query(args: argparse.Namespace, settings: Mapping[str, str]) -> str:
     """The rendered output of `clickstream query`; `settings` holds connection flags."""
     read = reader_for(args.store, {**settings, "bigquery_project": args.bigquery_project,
-                                   "bigquery_dataset": args.bigquery_dataset})
+                                   "bigquery_dataset": args.bigquery_dataset,
+                                   "bigquery_endpoint": args.bigquery_endpoint})
     rows = query(read, args.metric, args.granularity, parse_dims(args.dims),
                  parse_time(args.start), parse_time(args.end))
     return render(rows, args.fmt)
