@@ -9,7 +9,6 @@ a test sees the same columns, order and formatting whichever store it reads.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -79,18 +78,12 @@ def bigquery_client(project: str, endpoint: str) -> Any:
 
 
 def _bigquery_reader(project: str, dataset: str, endpoint: str = "") -> SeriesReader:
-    try:
-        module = importlib.import_module("transforms.sink_bigquery")
-    except ModuleNotFoundError as exc:
-        if exc.name != "transforms.sink_bigquery":
-            raise  # the module exists but one of its own imports is missing
-        raise QueryError("--from bigquery needs transforms/sink_bigquery.py (the BigQuery "
-                         "sink), which this build does not have; query --from duckdb or "
-                         "--from bigtable instead") from exc
     if not (project and dataset):
         raise QueryError("--from bigquery needs --bigquery_project and --bigquery_dataset")
-    read = module.read_series_from_bigquery
-    view = module.LATEST_VIEW  # the sink's metric_latest view, where Bigtable has a table
+    from transforms.sink_bigquery import LATEST_VIEW, read_series_from_bigquery
+
+    read = read_series_from_bigquery
+    view = LATEST_VIEW  # the sink's metric_latest view, where Bigtable has a table
     client = bigquery_client(project, endpoint)
     return lambda m, g, d, s, e: read(project, dataset, view, m, g, d, s, e, client=client)
 

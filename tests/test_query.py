@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -152,14 +151,6 @@ def test_the_console_script_prints_the_same_table(capsys, stores, store) -> None
     ran = clickstream("query", *args, *stores.connection(store))
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout == query(capsys, stores, "duckdb", *args)
-
-
-def test_from_bigquery_without_the_bigquery_sink_says_so(monkeypatch) -> None:
-    # None in sys.modules makes the import fail as if the file did not exist.
-    monkeypatch.setitem(sys.modules, "transforms.sink_bigquery", None)
-    with pytest.raises(SystemExit, match=r"needs transforms/sink_bigquery\.py"):
-        cli.main(["query", "--metric", "events", "--granularity", "day", "--from",
-                  "bigquery", "--bigquery_project", "p", "--bigquery_dataset", "d"])
 
 
 @pytest.mark.parametrize(("args", "message"), [
