@@ -8,6 +8,7 @@ from collections.abc import Callable
 import apache_beam as beam
 
 from transforms.dedup import DEFAULT_BUCKETS, DeduplicateEvents
+from transforms.freshness import MeasureWatermarkLag
 from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
@@ -19,7 +20,8 @@ class ClickstreamMetrics(beam.PTransform):
 
     parse+validate → dedup(event_id) → hour & day windows → metrics → retractions
                                       ├→ raw archive (optional)
-                                      └→ too-late counts
+                                      ├→ too-late counts (streaming)
+                                      └→ watermark lag (streaming)
 
     `dedup` replaces the dedup stage (Events → unique EventBatches), e.g. to
     benchmark another implementation; by default it is DeduplicateEvents. `archive`
@@ -49,8 +51,9 @@ class ClickstreamMetrics(beam.PTransform):
         if self._archive is not None:
             unique | "RawArchive" >> self._archive
         if not config.bounded:
-            # Bounded input is never late (its watermark jumps to the end at once).
+            # Bounded input is never late, nor its watermark behind: it jumps to the end.
             unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
+            unique | "WatermarkLag" >> MeasureWatermarkLag()
         panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
         changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
                                                              bounded=config.bounded)
