@@ -24,6 +24,12 @@ from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles, ReadEventMessages
 
 log = logging.getLogger("clickstream")
+# Dead letters are written when the watermark passes their window. On a stream that
+# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
+# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
+# matches the source's re-bundling window (transforms/sources.py) and flushes them with
+# the last batch.
+STREAMING_DEAD_LETTER_WINDOW_S = 5
 
 
 @dataclass
@@ -84,7 +90,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
     payloads, bounded = read_payloads(p, options)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         metrics_config(p, options, bounded), options.dedup_buckets,
-        archive=options.raw_archive(bounded=bounded))
+        archive=options.raw_archive(bounded=bounded),
+        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
 
 

@@ -7,10 +7,11 @@ wait (with a deadline) until DuckDB holds the oracle's values and every dead let
 stop it with SIGTERM, and check the reconciling summary it prints.
 
 The DirectRunner's Pub/Sub watermark follows the wall clock (DESIGN.md), so the dataset
-is generated for yesterday (UTC): every window is behind the watermark from the first
-message, the 3-day allowed lateness keeps it open, and the generator's too-late events
-(more than 3 days + a day before their arrival) are dropped. The oracle drops the same
-events by the same rule, with the watermark at "now".
+is generated for the day before yesterday (UTC): every window has ended before the first
+message (a window still open would wait for its on-time pane: early panes, on processing
+time, did not fire on this runner), a 4-day allowed lateness keeps them all open, and the
+generator's too-late events (the lateness + 2 to 3 days before their arrival) are
+dropped. The oracle drops the same events by the same rule, with the watermark at "now".
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from transforms.sink_duckdb import read_rows
 from transforms.sources import ReadEventMessages, runner_supports_id_label
 
 PROJECT = "clickstream-test"
-LATENESS_S = 3 * 86400
+LATENESS_S = 4 * 86400
 SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
 EVENTS = 2500
-DEADLINE_S = 150  # generous for a loaded 2-core machine; a healthy run needs far less
+DEADLINE_S = 120  # generous for a loaded 2-core machine; a healthy run needs far less
 SUMMARY = re.compile(r"read ([\d,]+) = unique valid ([\d,]+) \+ duplicates ([\d,]+) "
                      r"\+ dead letter ([\d,]+)  \[(reconciled|DOES NOT RECONCILE)\]")
 
@@ -54,10 +55,11 @@ def clickstream(*args: str) -> list[str]:
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> tuple[str, dict]:
-    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    day = (datetime.now(UTC) - timedelta(days=2)).date().isoformat()
     data = str(tmp_path / "data")
-    write_dataset(data, GeneratorConfig(events=EVENTS, seed=11, date=yesterday,
-                                        too_late_rate=0.02, malformed_rate=0.02))
+    write_dataset(data, GeneratorConfig(events=EVENTS, seed=11, date=day,
+                                        too_late_rate=0.02, malformed_rate=0.02,
+                                        allowed_lateness_s=LATENESS_S))
     with open(os.path.join(data, "expected.json")) as f:
         return data, json.load(f)
 
@@ -123,6 +125,7 @@ def test_pubsub_stream_equals_the_oracle_and_reconciles(
     job = subprocess.Popen(
         clickstream("run", "--input_subscription", subscription, "--duckdb_path", db,
                     "--timestamp_attribute", "event_time", "--id_label", "event_id",
+                    "--allowed_lateness_s", str(LATENESS_S),
                     "--max_run_s", str(DEADLINE_S + 60)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
