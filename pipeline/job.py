@@ -231,6 +231,9 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
                  reason[0] if reason else "stop requested")
         _settle(result, settle_s)
         result.cancel()
+        if "DirectRunner" in type(p.runner).__name__:
+            log.warning("the DirectRunner's streaming runner under-reports Beam counters "
+                        "(measured: 70 of 1,508 messages read): reconcile from the sink")
         state = str(result.state)
     finally:
         stop.set()
