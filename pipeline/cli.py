@@ -1,4 +1,5 @@
-"""`clickstream`: run the job, generate data, replay a stream, print a report, query."""
+"""`clickstream`: run the job, generate data, replay or publish a stream, print a report,
+query a metric's series."""
 
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__ + "\n\ncommands:\n"
               "  run      --input_files GLOB --duckdb_path FILE [--distinct exact|hll] "
               "[--runner R] [Beam options]\n"
+              "  run      --input_subscription projects/P/subscriptions/S --duckdb_path FILE "
+              "[--timestamp_attribute A] [--max_run_s N]  streaming; Ctrl-C stops it\n"
+              "  publish  --topic projects/P/topics/T --replay_dir DIR [--subscription S]  "
+              "publish a generated dataset in arrival order\n"
               "  replay   --replay_dir DIR --duckdb_path FILE [...]  stream a generated "
               "dataset in arrival order (TestStream)\n"
               "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
@@ -102,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(rest)
     if command == "query":
         return _query(rest)
+    if command == "publish":
+        from pipeline.publish import main as publish_main
+
+        return publish_main(rest)
     if command == "report":
         from pipeline.report import print_report
 

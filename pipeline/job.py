@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -15,12 +17,20 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.graph import ClickstreamMetrics
 from pipeline.options import ClickstreamOptions
+from transforms.metrics import MetricsConfig
 from transforms.parse import METRICS_NAMESPACE
+from transforms.progress import LogProgress
 from transforms.sink_bigquery import WriteChangelogToBigQuery
 from transforms.sink_duckdb import WriteToDuckDB
-from transforms.sources import ReadEventFiles
+from transforms.sources import ReadEventFiles, ReadEventMessages
 
 log = logging.getLogger("clickstream")
+# Dead letters are written when the watermark passes their window. On a stream that
+# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
+# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
+# matches the source's re-bundling window (transforms/sources.py) and flushes them with
+# the last batch.
+STREAMING_DEAD_LETTER_WINDOW_S = 5
 
 
 @dataclass
@@ -79,15 +89,14 @@ def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
 
 def build(p: beam.Pipeline, options: ClickstreamOptions, *,
           bigquery_test_client: Any = None) -> None:
-    """The bounded job's graph. ``bigquery_test_client``: tests only, not a flag (Beam's
-    ``WriteToBigQuery`` has no endpoint option; see transforms/sink_bigquery.py)."""
-    if not options.input_files:
-        raise SystemExit("--input_files is required for a bounded run "
-                         "(generate some with: clickstream generate --out DIR)")
-    payloads = p | "ReadFiles" >> ReadEventFiles(options.input_files)
+    """The job's graph: the source the flags choose, the clickstream graph, the sinks.
+    ``bigquery_test_client``: tests only, not a flag (Beam's ``WriteToBigQuery`` has no
+    endpoint option; see transforms/sink_bigquery.py)."""
+    payloads, bounded = read_payloads(p, options)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
-        options.metrics_config().for_bounded_input(), options.dedup_buckets,
-        archive=options.raw_archive(bounded=True))
+        metrics_config(p, options, bounded), options.dedup_buckets,
+        archive=options.raw_archive(bounded=bounded),
+        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
     (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
     bigtable = options.bigtable_sink()
     if bigtable is not None:
@@ -96,6 +105,45 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     if bigquery is not None:
         (changelog, dead_letters) | "WriteBigQuery" >> WriteChangelogToBigQuery(
             *bigquery, test_client=bigquery_test_client)
+
+
+def read_payloads(p: beam.Pipeline, options: ClickstreamOptions
+                  ) -> tuple[beam.PCollection, bool]:
+    """The source the flags choose: (raw payloads, whether they are bounded)."""
+    if options.input_subscription:
+        if options.input_files:
+            raise SystemExit("give --input_files (bounded) or --input_subscription "
+                             "(streaming), not both")
+        payloads = (p
+                    | "ReadMessages" >> ReadEventMessages(
+                        options.input_subscription, options.timestamp_attribute,
+                        options.id_label)
+                    | "Progress" >> LogProgress("messages read", every=10_000))
+        return payloads, False
+    if not options.input_files:
+        raise SystemExit("--input_files is required for a bounded run "
+                         "(generate some with: clickstream generate --out DIR), or give "
+                         "--input_subscription for a streaming one")
+    # The file reader logs progress itself (no pass-through step per record).
+    return p | "ReadFiles" >> ReadEventFiles(options.input_files), True
+
+
+def metrics_config(p: beam.Pipeline, options: ClickstreamOptions,
+                   bounded: bool) -> MetricsConfig:
+    config = options.metrics_config()
+    if bounded:
+        return config.for_bounded_input()
+    runner = type(p.runner).__name__
+    if "DirectRunner" in runner and config.late_firing_s > 0:
+        # The BundleBasedDirectRunner (where the DirectRunner runs a streaming job) stalls
+        # on a processing-time late trigger ("Monitor task detected a pipeline stall",
+        # DESIGN.md), as replay does: late panes fire per late bundle instead. With the
+        # Pub/Sub source's wall-clock watermark, data older than its window's end is late
+        # from the first message, so late panes are most of what this runner emits.
+        log.warning("streaming on the %s: using --late_firing_s 0 (a late pane per late "
+                    "bundle); a processing-time late trigger stalls this runner", runner)
+        config = dataclasses.replace(config, late_firing_s=0)
+    return config
 
 
 def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
@@ -112,6 +160,8 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
 
 def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     options = PipelineOptions(list(argv))
+    if options.view_as(ClickstreamOptions).input_subscription:
+        return run_streaming(options, progress_every_s)
     options.view_as(StandardOptions).streaming = False
     clickstream = options.view_as(ClickstreamOptions)
     started = time.monotonic()
@@ -127,3 +177,103 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     finally:
         stop.set()
     return RunSummary(counters_of(result), time.monotonic() - started, str(state))
+
+
+def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> None:
+    """Wait (bounded) until the counters reconcile twice in a row: the messages already
+    read have then passed parse and dedup, so the summary printed after cancel() does not
+    show work caught in flight. Messages still arriving can keep it from settling."""
+    deadline = time.monotonic() + timeout_s
+    previous: dict[str, int] | None = None
+    while time.monotonic() < deadline:
+        try:
+            counters = counters_of(result)
+        except Exception:
+            counters = {}
+        if RunSummary(counters, 0.0, "").reconciles and counters == previous:
+            return
+        previous = counters
+        time.sleep(0.5)
+
+
+def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
+                  stop: threading.Event | None = None, settle_s: float = 10.0
+                  ) -> RunSummary:
+    """Run the streaming job until Ctrl-C, SIGTERM, --max_run_s or `stop`; then cancel it
+    and summarize. A streaming pipeline never finishes by itself, so stopping is the
+    normal end of a run, not an error."""
+    standard = options.view_as(StandardOptions)
+    standard.streaming = True
+    if not standard.runner:
+        # The DirectRunner would first try to download Prism (DESIGN.md) and then fall
+        # back to this runner for a streaming job anyway.
+        standard.runner = "BundleBasedDirectRunner"
+    clickstream = options.view_as(ClickstreamOptions)
+    stop = stop or threading.Event()
+    reason: list[str] = []
+    previous_handlers = _stop_on_signals(stop, reason)
+    started = time.monotonic()
+    try:
+        p = beam.Pipeline(options=options)
+        build(p, clickstream)
+        result = p.run()
+        log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
+                 clickstream.input_subscription,
+                 f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "")
+        failure: list[BaseException] = []
+        waiter = threading.Thread(target=_wait_for, args=(result, stop, failure),
+                                  daemon=True)
+        waiter.start()
+        reporter = threading.Thread(target=_report_progress,
+                                    args=(result, started, stop, progress_every_s),
+                                    daemon=True)
+        reporter.start()
+        deadline = started + clickstream.max_run_s if clickstream.max_run_s else None
+        # Short waits, not one long one, so the main thread runs the signal handlers.
+        while not stop.wait(0.5):
+            if deadline is not None and time.monotonic() >= deadline:
+                reason.append(f"--max_run_s {clickstream.max_run_s} reached")
+                break
+        if failure:
+            raise failure[0]
+        stop.set()
+        log.info("stopping (%s): letting in-flight messages settle, then cancelling",
+                 reason[0] if reason else "stop requested")
+        _settle(result, settle_s)
+        result.cancel()
+        if "DirectRunner" in type(p.runner).__name__:
+            log.warning("the DirectRunner's streaming runner under-reports Beam counters "
+                        "(measured: 70 of 1,508 messages read): reconcile from the sink")
+        state = str(result.state)
+    finally:
+        stop.set()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    return RunSummary(counters_of(result), time.monotonic() - started, state)
+
+
+def _wait_for(result: beam.runners.runner.PipelineResult, stop: threading.Event,
+              failure: list[BaseException]) -> None:
+    """Surface a pipeline that ends (it failed, or was cancelled elsewhere) to the loop."""
+    try:
+        result.wait_until_finish()
+    except BaseException as exc:  # re-raised in the main thread
+        if not stop.is_set():
+            failure.append(exc)
+    stop.set()
+
+
+def _stop_on_signals(stop: threading.Event, reason: list[str]) -> dict[int, Any]:
+    """Ctrl-C and SIGTERM set `stop` once; a second Ctrl-C interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be installed from the main thread
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        reason.append(signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    return previous

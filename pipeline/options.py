@@ -70,6 +70,25 @@ class ClickstreamOptions(PipelineOptions):
         group.add_argument("--bigquery_project", default="",
                            help="Project of --bigquery_dataset (empty: --project).")
 
+        # Streaming source (Pub/Sub). Empty strings are "off", as above.
+        group.add_argument("--input_subscription", default="",
+                           help="Pub/Sub subscription to read, projects/P/subscriptions/S: "
+                                "a streaming run (instead of --input_files). Create it "
+                                "before publishing; messages published earlier are lost "
+                                "to a subscription made later.")
+        group.add_argument("--timestamp_attribute", default="",
+                           help="Message attribute (epoch ms or RFC 3339) the runner "
+                                "estimates the watermark from; event time itself comes "
+                                "from the payload (empty: the publish time).")
+        group.add_argument("--id_label", default="",
+                           help="Message attribute with a unique id for Pub/Sub-level "
+                                "dedup, used where the runner supports it (Dataflow); "
+                                "event_id dedup applies regardless (empty: none).")
+        group.add_argument("--max_run_s", type=int, default=0,
+                           help="Streaming run: cancel after this many seconds and print "
+                                "the summary, as on Ctrl-C or SIGTERM (0: run until "
+                                "stopped).")
+
     def raw_archive(self, bounded: bool) -> WriteRawArchive | None:
         """The raw archive stage for --archive_path, or None when it is empty."""
         if not self.archive_path:

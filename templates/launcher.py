@@ -44,8 +44,9 @@ from pipeline.options import ClickstreamOptions
 log = logging.getLogger("clickstream.flex")
 
 STREAMING_NOT_SUPPORTED = (
-    "this template builds the bounded job (--input_files); a streaming template needs a "
-    "Pub/Sub subscription source, which the graph does not have yet")
+    "this template builds the bounded job (--input_files); the graph reads Pub/Sub "
+    "(`clickstream run --input_subscription`), but a streaming template (streaming "
+    "metadata, sinks that outlive the workers) is not built yet")
 
 
 def _worker_code(options: PipelineOptions) -> None:
@@ -76,6 +77,10 @@ def launch(argv: Sequence[str]) -> PipelineResult:
     standard = options.view_as(StandardOptions)
     if standard.streaming:
         raise SystemExit(f"--streaming: {STREAMING_NOT_SUPPORTED}")
+    if options.view_as(ClickstreamOptions).input_subscription:
+        # `clickstream run` streams from Pub/Sub; this template's metadata, sinks and
+        # launch mode are the bounded job's, so a streaming template is still to come.
+        raise SystemExit(f"--input_subscription: {STREAMING_NOT_SUPPORTED}")
     standard.streaming = False
     _worker_code(options)
     p = beam.Pipeline(options=options)
