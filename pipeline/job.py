@@ -87,6 +87,19 @@ def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return counters
 
 
+def watermark_lag_s(result: beam.runners.runner.PipelineResult) -> int | None:
+    """The latest `watermark_lag_s` gauge (transforms/freshness.py), or None before the
+    first sample (and on bounded runs, which have none)."""
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE)
+                                   .with_name("watermark_lag_s"))
+    latest = None
+    for gauge in query["gauges"]:
+        value = gauge.committed if gauge.committed is not None else gauge.attempted
+        if value is not None and (latest is None or value.timestamp > latest.timestamp):
+            latest = value
+    return None if latest is None else int(latest.value)
+
+
 def build(p: beam.Pipeline, options: ClickstreamOptions, *,
           bigquery_test_client: Any = None) -> None:
     """The job's graph: the source the flags choose, the clickstream graph, the sinks.
@@ -151,11 +164,13 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
     while not stop.wait(every_s):
         try:
             read = counters_of(result).get("read", 0)
+            lag_s = watermark_lag_s(result)
         except Exception:
             continue
         elapsed = time.monotonic() - started
-        log.info("progress: %s s, %s events read (%s/s)", f"{elapsed:.0f}", f"{read:,}",
-                 f"{read / elapsed:,.0f}")
+        log.info("progress: %s s, %s events read (%s/s)%s", f"{elapsed:.0f}", f"{read:,}",
+                 f"{read / elapsed:,.0f}",
+                 "" if lag_s is None else f", watermark lag {lag_s:,} s")
 
 
 def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:

@@ -10,6 +10,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from tests.streaming import _COLLECTED, Collect, at
+from transforms.batching import EventBatch
 from transforms.events import Event
 from transforms.freshness import MeasureWatermarkLag
 
@@ -40,3 +41,17 @@ def test_lag_is_the_clock_minus_the_watermark_at_the_newest_event_time() -> None
                   .advance_watermark_to(at(10, 31))          # sample: 12:00 - 10:30
                   .advance_watermark_to_infinity())          # no data since: no sample
     assert got == [(at(10, 10), CLOCK_S - at(10, 10)), (at(10, 30), CLOCK_S - at(10, 30))]
+
+
+def test_the_job_reads_the_latest_lag_from_the_metrics() -> None:
+    """Through the job's metrics on the FnApiRunner (the BundleBasedDirectRunner drops
+    metrics set in timers under TestStream): a bounded input's timer fires at the end."""
+    from pipeline.job import watermark_lag_s
+
+    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    _ = (p | beam.Create([batch(25).value]).with_output_types(EventBatch)
+         | beam.Map(lambda b: TimestampedValue(b, b[0].event_time_ms / 1000))
+         | MeasureWatermarkLag(period_s=600, clock=lambda: CLOCK_S))
+    result = p.run()
+    result.wait_until_finish()
+    assert watermark_lag_s(result) == int(CLOCK_S - at(10, 30))
