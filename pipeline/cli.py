@@ -1,4 +1,5 @@
-"""`clickstream`: run the job, generate data, replay a stream, print a report."""
+"""`clickstream`: run the job, generate data, replay a stream, finalize a day, print a
+report."""
 
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def _replay(argv: Sequence[str]) -> int:
     return 0
 
 
+def _finalize(argv: Sequence[str]) -> int:
+    from pipeline.finalize import run_finalize
+    from pipeline.report import print_day_revisions
+
+    summary = run_finalize(argv)
+    print(summary.render())
+    print_day_revisions(_duckdb_path(argv), summary.day)
+    return 0
+
+
 def _duckdb_path(argv: Sequence[str]) -> str:
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -59,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "[--runner R] [Beam options]\n"
               "  replay   --replay_dir DIR --duckdb_path FILE [...]  stream a generated "
               "dataset in arrival order (TestStream)\n"
+              "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
+              "[--distinct exact]  recompute a day from the raw archive, correct the "
+              "sinks, mark it final\n"
               "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
               "  report   --duckdb_path FILE\n"
               "Run `clickstream run --help` for every pipeline option.")
@@ -76,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(rest)
     if command == "replay":
         return _replay(rest)
+    if command == "finalize":
+        return _finalize(rest)
     if command == "report":
         from pipeline.report import print_report
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import apache_beam as beam
 
@@ -51,9 +51,31 @@ class ClickstreamMetrics(beam.PTransform):
         if not config.bounded:
             # Bounded input is never late (its watermark jumps to the end at once).
             unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
-        panes = (
-            unique | "HourlyMetrics" >> ComputeMetrics("hour", config),
-            unique | "DailyMetrics" >> ComputeMetrics("day", config),
-        ) | "AllPanes" >> beam.Flatten()
+        panes = unique | "Metrics" >> HourAndDayMetrics(config)
         changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s)
         return changelog, dead_letters
+
+
+class HourAndDayMetrics(beam.PTransform):
+    """Unique events → MetricPanes of every metric for hour and day windows.
+
+    Its own transform because the daily finalize job (pipeline/finalize.py) recomputes
+    a day from the archive with exactly these metrics: one definition for both paths.
+    """
+
+    def __init__(self, config: MetricsConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, unique: beam.PCollection) -> beam.PCollection:
+        return (
+            unique | "HourlyMetrics" >> ComputeMetrics("hour", self._config),
+            unique | "DailyMetrics" >> ComputeMetrics("day", self._config),
+        ) | "AllPanes" >> beam.Flatten()
+
+
+def write_to_sinks(outputs: tuple[beam.PCollection, beam.PCollection],
+                   sinks: Mapping[str, beam.PTransform]) -> None:
+    """(changelog rows, dead-letter rows) into every sink, each under its own label."""
+    for label, sink in sinks.items():
+        outputs | label >> sink

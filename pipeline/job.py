@@ -12,11 +12,10 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.graph import ClickstreamMetrics
+from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.options import ClickstreamOptions
 from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
-from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles
 
 log = logging.getLogger("clickstream")
@@ -86,7 +85,7 @@ def build(p: beam.Pipeline, options: ClickstreamOptions) -> None:
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         options.metrics_config().for_bounded_input(), options.dedup_buckets,
         archive=options.raw_archive(bounded=True))
-    (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
+    write_to_sinks((changelog, dead_letters), options.sinks())
 
 
 def _report_progress(result: beam.runners.runner.PipelineResult, started: float,

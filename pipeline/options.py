@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
+from transforms.sink_duckdb import WriteToDuckDB
 
 DAY_S = 86400
 
@@ -62,6 +64,12 @@ class ClickstreamOptions(PipelineOptions):
             run_id = run_id_for(self.input_files)
         return WriteRawArchive(self.archive_path, run_id=run_id,
                                buckets=self.archive_buckets, bounded=bounded)
+
+    def sinks(self) -> dict[str, beam.PTransform]:
+        """Every sink of (changelog rows, dead-letter rows), by step label. The bounded,
+        streaming and finalize jobs all write through these, so each store receives the
+        same rows, corrections included."""
+        return {"WriteDuckDB": WriteToDuckDB(self.duckdb_path)}
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(
