@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "[--distinct exact]  recompute a day from the raw archive, correct the "
               "sinks, mark it final\n"
               "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
+              "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
+              "generated ones (e.g. day D and a day a week later)\n"
               "  report   --duckdb_path FILE\n"
               "Run `clickstream run --help` for every pipeline option.")
         return 0
@@ -86,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--date", default="2026-11-01")
         parser.add_argument("--shards", type=int, default=4)
         return _generate(parser.parse_args(rest))
+    if command == "merge":
+        from pipeline.generator import merge_datasets
+
+        parser = argparse.ArgumentParser(prog="clickstream merge")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("sources", nargs="+")
+        args = parser.parse_args(rest)
+        counts = merge_datasets(args.out, args.sources)
+        print(f"wrote {counts['read']:,} lines to {args.out} ({counts['unique']:,} unique)")
+        return 0
     if command == "run":
         return _run(rest)
     if command == "replay":

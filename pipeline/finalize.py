@@ -36,6 +36,7 @@ from pipeline.options import ClickstreamOptions
 from transforms.archive import ReadRawArchive, day_glob
 from transforms.correct import CorrectChangelog, utc_now
 from transforms.dedup import DeduplicateEvents
+from transforms.notify import NotifyCorrections
 from transforms.sink_duckdb import ReadLatestFromDuckDB
 
 
@@ -45,6 +46,9 @@ class FinalizeOptions(PipelineOptions):
         group = parser.add_argument_group("finalize")
         group.add_argument("--date", default=None,
                            help="The UTC event date to finalize, YYYY-MM-DD.")
+        group.add_argument("--notify_topic", default="",
+                           help="Pub/Sub topic (projects/P/topics/T) that gets one JSON "
+                                "message per corrected window (empty: none).")
 
 
 def day_bounds(day: str) -> tuple[datetime, datetime]:
@@ -60,7 +64,7 @@ def _in_day(start: datetime, end: datetime) -> Callable[[object], bool]:
 
 
 def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
-                   clock: Callable[[], datetime] = utc_now) -> None:
+                   clock: Callable[[], datetime] = utc_now, notify_topic: str = "") -> None:
     start, end = day_bounds(day)
     config = options.metrics_config().for_bounded_input()
     unique = (
@@ -78,7 +82,10 @@ def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
     held = p | "ReadSinkLatest" >> ReadLatestFromDuckDB(options.duckdb_path, start, end)
     corrections = (recomputed, held) | "Correct" >> CorrectChangelog(clock)
     no_dead_letters = p | "NoDeadLetters" >> beam.Create([])
-    write_to_sinks((corrections, no_dead_letters), options.sinks())
+    sinks = options.sinks()
+    if notify_topic:
+        sinks["NotifyCorrections"] = NotifyCorrections(notify_topic)
+    write_to_sinks((corrections, no_dead_letters), sinks)
 
 
 @dataclass
@@ -101,6 +108,8 @@ class FinalizeSummary:
             f"windows equal, marked final: {c.get('finalize_windows_marked_final', 0):,}; "
             f"already final and equal: {c.get('finalize_windows_already_final', 0):,}",
             f"changelog rows written: {c.get('duckdb_rows.changelog', 0):,}",
+            *([f"notifications published: {c['notifications_published']:,}"]
+              if "notifications_published" in c else []),
             f"elapsed {self.elapsed_s:.1f} s",
         ])
 
@@ -109,7 +118,8 @@ def run_finalize(argv: Sequence[str],
                  clock: Callable[[], datetime] = utc_now) -> FinalizeSummary:
     options = PipelineOptions(list(argv))
     options.view_as(StandardOptions).streaming = False
-    day = options.view_as(FinalizeOptions).date
+    finalize_options = options.view_as(FinalizeOptions)
+    day = finalize_options.date
     clickstream = options.view_as(ClickstreamOptions)
     if not day:
         raise SystemExit("--date YYYY-MM-DD is required: the UTC event date to finalize")
@@ -124,7 +134,7 @@ def run_finalize(argv: Sequence[str],
                          "(wrong --archive_path or --date?)")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
-    build_finalize(p, clickstream, day, clock)
+    build_finalize(p, clickstream, day, clock, finalize_options.notify_topic)
     result = p.run()
     state = result.wait_until_finish()
     return FinalizeSummary(day, counters_of(result), time.monotonic() - started,

@@ -11,6 +11,7 @@ by a second run.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from pipeline.generator import (
     write_dataset,
 )
 from pipeline.replay import run_replay
+from tests.fixtures_servers import pubsub_emulator  # noqa: F401 - a fixture
 from tests.test_cli import clickstream
 from transforms.archive import ARCHIVE_GLOB
 from transforms.correct import correction_rows
@@ -55,9 +57,9 @@ def streamed(tmp_path_factory) -> tuple[str, str, str]:
     root = tmp_path_factory.mktemp("finalize")
     data, archive, db = str(root / "data"), str(root / "archive"), str(root / "stream.duckdb")
     # Day D's own traffic, then a day five days on, when offline devices sync sessions
-    # of D (its too-late events: ~30 of D's ~1000, with ~40 more inside the lateness).
-    write_dataset(str(root / "d"), GeneratorConfig(events=1000, seed=5, date=DAY))
-    write_dataset(str(root / "d5"), GeneratorConfig(events=600, seed=6, date=LATER_DAY,
+    # of D: 24 of D's 703 events come past the lateness horizon, 28 more inside it.
+    write_dataset(str(root / "d"), GeneratorConfig(events=700, seed=5, date=DAY))
+    write_dataset(str(root / "d5"), GeneratorConfig(events=400, seed=6, date=LATER_DAY,
                                                     too_late_rate=0.1))
     merge_datasets(data, [str(root / "d"), str(root / "d5")])
     run_replay(["--replay_dir", data, "--duckdb_path", db, "--archive_path", archive,
@@ -245,3 +247,61 @@ def test_correction_rows(held, recomputed, want) -> None:
     assert all(r["window_start"] == PANE.window_start for r in rows)
     if held is not None and rows:
         assert rows[0] == dict(held, sign=-1, emitted_at=FINALIZED_AT)
+
+
+def _pull_all(subscriber, subscription: str, want: int) -> list[dict]:
+    """Pulls until `want` messages came or a few pulls came back empty."""
+    messages: list[dict] = []
+    empty = 0
+    while len(messages) < want and empty < 3:
+        response = subscriber.pull(
+            request={"subscription": subscription, "max_messages": 100}, timeout=30)
+        if not response.received_messages:
+            empty += 1
+            continue
+        messages.extend(json.loads(m.message.data) for m in response.received_messages)
+        subscriber.acknowledge(request={"subscription": subscription, "ack_ids": [
+            m.ack_id for m in response.received_messages]})
+    return messages
+
+
+def test_notify_topic_gets_one_message_per_corrected_window(
+        streamed, tmp_path, pubsub_emulator) -> None:  # noqa: F811 - the fixture
+    from google.cloud import pubsub_v1
+
+    _, archive, streamed_db = streamed
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path("local", "day-corrections")
+    subscription = subscriber.subscription_path("local", "finance")
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic)
+    db = str(tmp_path / "sink.duckdb")
+    shutil.copy(streamed_db, db)
+
+    summary = finalize(archive, db, "--notify_topic", topic)
+
+    expected = [
+        {"metric": m, "dims": json.loads(d), "granularity": g,
+         "window_start": w.astimezone(UTC).isoformat(), "old": old, "new": new,
+         "revision": r}
+        for m, d, g, w, old, new, r in read_rows(db, """
+            SELECT n.metric, n.dims, n.granularity, n.window_start, o.value, n.value,
+                   n.revision
+            FROM metric_changelog n LEFT JOIN metric_changelog o
+              ON o.metric = n.metric AND o.dims = n.dims AND o.granularity = n.granularity
+             AND o.window_start = n.window_start AND o.revision = n.revision - 1
+             AND o.sign = -1
+            WHERE n.timing = 'BATCH' AND n.sign = 1""")]
+    assert expected and any(e["old"] is not None for e in expected)
+    assert summary.counters["notifications_published"] == len(expected)
+    got = _pull_all(subscriber, subscription, len(expected))
+
+    def order(m: dict) -> tuple:
+        return (m["metric"], json.dumps(m["dims"]), m["granularity"], m["window_start"])
+
+    assert sorted(got, key=order) == sorted(expected, key=order)
+
+    # Nothing corrected the second time, so nothing to tell.
+    again = finalize(archive, db, "--notify_topic", topic)
+    assert again.counters.get("notifications_published", 0) == 0
+    assert again.counters.get("finalize_windows_corrected", 0) == 0
