@@ -13,7 +13,8 @@ def _generate(args: argparse.Namespace) -> int:
     from pipeline.generator import GeneratorConfig, write_dataset
 
     counts = write_dataset(args.out, GeneratorConfig(
-        events=args.events, seed=args.seed, date=args.date, shards=args.shards))
+        events=args.events, seed=args.seed, date=args.date, shards=args.shards,
+        too_late_rate=args.too_late_rate))
     print(f"wrote {counts['read']:,} lines to {args.out} "
           f"({counts['unique']:,} unique, {counts['duplicates']:,} duplicates, "
           f"{counts['dead_letter']:,} malformed); oracle in {args.out}/expected.json")
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
               "[--distinct exact]  recompute a day from the raw archive, correct the "
               "sinks, mark it final\n"
-              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
+              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] "
+              "[--too_late_rate R]\n"
               "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
               "generated ones (e.g. day D and a day a week later)\n"
               "  report   --duckdb_path FILE\n"
@@ -81,12 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "generate":
+        from pipeline.generator import GeneratorConfig
+
         parser = argparse.ArgumentParser(prog="clickstream generate")
         parser.add_argument("--out", required=True)
         parser.add_argument("--events", type=int, default=100_000)
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--date", default="2026-11-01")
         parser.add_argument("--shards", type=int, default=4)
+        parser.add_argument("--too_late_rate", type=float,
+                            default=GeneratorConfig.too_late_rate,
+                            help="Share of sessions that arrive past the allowed lateness "
+                                 "(from devices offline for days).")
         return _generate(parser.parse_args(rest))
     if command == "merge":
         from pipeline.generator import merge_datasets
