@@ -36,6 +36,7 @@ from pipeline.options import ClickstreamOptions
 from transforms.archive import ReadRawArchive, day_glob
 from transforms.correct import CorrectChangelog, utc_now
 from transforms.dedup import DeduplicateEvents
+from transforms.metrics import MetricPane
 from transforms.notify import NotifyCorrections
 from transforms.sink_duckdb import ReadLatestFromDuckDB
 
@@ -57,9 +58,9 @@ def day_bounds(day: str) -> tuple[datetime, datetime]:
     return start, start + timedelta(days=1)
 
 
-def _in_day(start: datetime, end: datetime) -> Callable[[object], bool]:
-    def keep(pane) -> bool:  # a MetricPane
-        return bool(start <= pane.window_start < end)
+def _in_day(start: datetime, end: datetime) -> Callable[[MetricPane], bool]:
+    def keep(pane: MetricPane) -> bool:
+        return start <= pane.window_start < end
     return keep
 
 
