@@ -71,7 +71,8 @@ def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
     unique = (
         p
         | "ReadArchive" >> ReadRawArchive(options.archive_path, day)
-        # The archive may hold an event twice (two runs over overlapping input).
+        # The archive may hold an event twice: two runs over overlapping input, or a
+        # too-late event redelivered after the stream's dedup state for the day expired.
         | "Dedup" >> DeduplicateEvents(config.allowed_lateness_s, options.dedup_buckets,
                                        bounded=True))
     recomputed = (

@@ -16,6 +16,7 @@ import os
 import shutil
 from datetime import UTC, datetime
 
+import fastavro
 import pytest
 
 import schemas
@@ -75,6 +76,15 @@ def day_truth(data: str) -> list[oracle.TruthEvent]:
     return [e for e in read_truth(data) if start <= e.event_time_ms < end]
 
 
+def archived_records(archive: str) -> int:
+    """Avro records in day D's partitions, read directly (not through Beam)."""
+    total = 0
+    for path in glob.glob(os.path.join(archive, f"event_date={DAY}", "*", "*.avro")):
+        with open(path, "rb") as f:
+            total += sum(1 for _ in fastavro.reader(f))
+    return total
+
+
 def finalize(archive: str, db: str, *extra: str):
     return run_finalize(["--date", DAY, "--archive_path", archive, "--duckdb_path", db,
                          "--distinct", "exact", *extra], clock=fixed_clock)
@@ -130,8 +140,12 @@ def test_finalize_corrects_the_streamed_day_to_the_exact_answer(streamed, tmp_pa
     assert retractions == [(sum(1 for k in changed if k in previous),)]
     c = summary.counters
     assert c["finalize_windows_corrected"] == len(changed)
-    assert c["archive_read"] == 2 * c["unique"] and c["duplicates"] == c["unique"]
+    # Every event of D is in the archive at least twice (the copied files), and the
+    # recompute counted each once.
+    stored = archived_records(archive)
+    assert c["archive_read"] == stored >= 2 * len(day_truth(data))
     assert c["unique"] == len(day_truth(data))
+    assert c["duplicates"] == stored - c["unique"]
 
     # Again, from the command line: nothing changes.
     latest, changelog = read_rows(db, LATEST_SQL), read_rows(db, CHANGELOG_SQL)
