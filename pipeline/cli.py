@@ -1,5 +1,5 @@
-"""`clickstream`: run the job, generate data, replay or publish a stream, print a report,
-query a metric's series."""
+"""`clickstream`: run the job, generate data, replay or publish a stream, finalize a day,
+print a report, query a metric's series."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def _generate(args: argparse.Namespace) -> int:
     from pipeline.generator import GeneratorConfig, write_dataset
 
     counts = write_dataset(args.out, GeneratorConfig(
-        events=args.events, seed=args.seed, date=args.date, shards=args.shards))
+        events=args.events, seed=args.seed, date=args.date, shards=args.shards,
+        too_late_rate=args.too_late_rate))
     print(f"wrote {counts['read']:,} lines to {args.out} "
           f"({counts['unique']:,} unique, {counts['duplicates']:,} duplicates, "
           f"{counts['dead_letter']:,} malformed); oracle in {args.out}/expected.json")
@@ -38,6 +39,16 @@ def _replay(argv: Sequence[str]) -> int:
     summary = run_replay(argv)
     print(replay_reconciliation(duckdb_path, summary))
     print_report(duckdb_path, changelog=True)
+    return 0
+
+
+def _finalize(argv: Sequence[str]) -> int:
+    from pipeline.finalize import run_finalize
+    from pipeline.report import print_day_revisions
+
+    summary = run_finalize(argv)
+    print(summary.render())
+    print_day_revisions(_duckdb_path(argv), summary.day)
     return 0
 
 
@@ -85,7 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "publish a generated dataset in arrival order\n"
               "  replay   --replay_dir DIR --duckdb_path FILE [...]  stream a generated "
               "dataset in arrival order (TestStream)\n"
-              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD]\n"
+              "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
+              "[--distinct exact]  recompute a day from the raw archive, correct the "
+              "sinks, mark it final\n"
+              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] "
+              "[--too_late_rate R]\n"
+              "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
+              "generated ones (e.g. day D and a day a week later)\n"
               "  report   --duckdb_path FILE\n"
               "  query    --metric M --granularity hour|day [--dims JSON] [--start ISO] "
               "[--end ISO] --from duckdb|bigtable|bigquery [--format table|json] "
@@ -94,13 +111,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "generate":
+        from pipeline.generator import GeneratorConfig
+
         parser = argparse.ArgumentParser(prog="clickstream generate")
         parser.add_argument("--out", required=True)
         parser.add_argument("--events", type=int, default=100_000)
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--date", default="2026-11-01")
         parser.add_argument("--shards", type=int, default=4)
+        parser.add_argument("--too_late_rate", type=float,
+                            default=GeneratorConfig.too_late_rate,
+                            help="Share of sessions that arrive past the allowed lateness "
+                                 "(from devices offline for days).")
         return _generate(parser.parse_args(rest))
+    if command == "merge":
+        from pipeline.generator import merge_datasets
+
+        parser = argparse.ArgumentParser(prog="clickstream merge")
+        parser.add_argument("--out", required=True)
+        parser.add_argument("sources", nargs="+")
+        args = parser.parse_args(rest)
+        counts = merge_datasets(args.out, args.sources)
+        print(f"wrote {counts['read']:,} lines to {args.out} ({counts['unique']:,} unique)")
+        return 0
     if command == "run":
         return _run(rest)
     if command == "replay":
@@ -111,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.publish import main as publish_main
 
         return publish_main(rest)
+    if command == "finalize":
+        return _finalize(rest)
     if command == "report":
         from pipeline.report import print_report
 

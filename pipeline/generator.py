@@ -11,12 +11,13 @@ oracle.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -227,11 +228,42 @@ def _bisect(cum: list[float], x: float) -> int:
 
 def write_dataset(out_dir: str, config: GeneratorConfig) -> dict:
     """Writes the shards, truth, arrivals and expected metrics; returns the summary."""
-    os.makedirs(out_dir, exist_ok=True)
     lines, truth, reasons = ClickstreamGenerator(config).generate()
-    per_shard = math.ceil(len(lines) / config.shards)
-    for shard in range(config.shards):
-        path = os.path.join(out_dir, f"events-{shard:05d}-of-{config.shards:05d}.jsonl")
+    return _write(out_dir, lines, truth, reasons, config.shards, config.__dict__)
+
+
+def merge_datasets(out_dir: str, sources: Sequence[str], shards: int = 4) -> dict:
+    """One dataset, in arrival order, out of several written by write_dataset.
+
+    One generated day only sends too-late events for days before it; merging day D
+    with a day about a week later gives D both its own traffic and, days past its
+    lateness horizon, events of D from devices that were offline: the case the daily
+    finalize job corrects.
+    """
+    lines: list[_Line] = []
+    truth: list[oracle.TruthEvent] = []
+    reasons: Counter = Counter()
+    for source in sources:
+        with open(os.path.join(source, "arrival_ms.txt")) as f:
+            arrivals = [int(x) for x in f]
+        payloads: list[bytes] = []
+        for path in sorted(glob.glob(os.path.join(source, "events-*.jsonl"))):
+            with open(path, "rb") as f:
+                payloads.extend(line.rstrip(b"\n") for line in f)
+        lines.extend(_Line(a, p) for a, p in zip(arrivals, payloads, strict=True))
+        truth.extend(read_truth(source))
+        with open(os.path.join(source, "expected.json")) as f:
+            reasons.update(json.load(f)["counts"]["dead_letter_by_reason"])
+    lines.sort(key=lambda line: line.arrival_ms)
+    return _write(out_dir, lines, truth, reasons, shards, {"merged": list(sources)})
+
+
+def _write(out_dir: str, lines: list[_Line], truth: list[oracle.TruthEvent],
+           reasons: Counter, shards: int, config: dict) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    per_shard = math.ceil(len(lines) / shards)
+    for shard in range(shards):
+        path = os.path.join(out_dir, f"events-{shard:05d}-of-{shards:05d}.jsonl")
         with open(path, "wb") as f:
             for line in lines[shard * per_shard:(shard + 1) * per_shard]:
                 f.write(line.payload + b"\n")
@@ -247,7 +279,7 @@ def write_dataset(out_dir: str, config: GeneratorConfig) -> dict:
         "dead_letter": sum(reasons.values()),
         "dead_letter_by_reason": dict(sorted(reasons.items())),
     }
-    expected = {"config": config.__dict__, "counts": counts,
+    expected = {"config": config, "counts": counts,
                 "funnel_steps": list(DEFAULT_FUNNEL), "metrics": oracle.to_json(metrics)}
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import apache_beam as beam
 
@@ -62,3 +62,10 @@ class ClickstreamMetrics(beam.PTransform):
         changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
                                                              bounded=config.bounded)
         return changelog, dead_letters
+
+
+def write_to_sinks(outputs: tuple[beam.PCollection, beam.PCollection],
+                   sinks: Mapping[str, beam.PTransform]) -> None:
+    """(changelog rows, dead-letter rows) into every sink, each under its own label."""
+    for label, sink in sinks.items():
+        outputs | label >> sink

@@ -15,13 +15,11 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.graph import ClickstreamMetrics
+from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.options import ClickstreamOptions
 from transforms.metrics import MetricsConfig
 from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
-from transforms.sink_bigquery import WriteChangelogToBigQuery
-from transforms.sink_duckdb import WriteToDuckDB
 from transforms.sources import ReadEventFiles, ReadEventMessages
 
 log = logging.getLogger("clickstream")
@@ -110,14 +108,7 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
         metrics_config(p, options, bounded), options.dedup_buckets,
         archive=options.raw_archive(bounded=bounded),
         dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
-    (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(options.duckdb_path)
-    bigtable = options.bigtable_sink()
-    if bigtable is not None:
-        changelog | "WriteBigtable" >> bigtable
-    bigquery = options.bigquery_target()
-    if bigquery is not None:
-        (changelog, dead_letters) | "WriteBigQuery" >> WriteChangelogToBigQuery(
-            *bigquery, test_client=bigquery_test_client)
+    write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
 def read_payloads(p: beam.Pipeline, options: ClickstreamOptions

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
+from transforms.sink_bigquery import WriteChangelogToBigQuery
 from transforms.sink_bigtable import WriteChangelogToBigtable
+from transforms.sink_duckdb import WriteToDuckDB
 
 DAY_S = 86400
+
+
+class ChangelogOnly(beam.PTransform):
+    """(changelog rows, dead-letter rows) → a sink of changelog rows only (Bigtable
+    serves metrics; dead letters are for the warehouses)."""
+
+    def __init__(self, sink: beam.PTransform) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def expand(self, outputs: tuple[beam.PCollection, beam.PCollection]) -> Any:
+        return outputs[0] | self._sink
 
 
 class ClickstreamOptions(PipelineOptions):
@@ -124,6 +141,21 @@ class ClickstreamOptions(PipelineOptions):
         if not project:
             raise SystemExit("--bigquery_dataset needs --bigquery_project (or --project)")
         return project, self.bigquery_dataset
+
+    def sinks(self, bigquery_test_client: Any = None) -> dict[str, beam.PTransform]:
+        """Every sink of (changelog rows, dead-letter rows), by step label. The bounded,
+        streaming and finalize jobs all write through these, so each store receives the
+        same rows, corrections included. ``bigquery_test_client``: tests only (Beam's
+        WriteToBigQuery has no endpoint option; see transforms/sink_bigquery.py)."""
+        sinks: dict[str, beam.PTransform] = {"WriteDuckDB": WriteToDuckDB(self.duckdb_path)}
+        bigtable = self.bigtable_sink()
+        if bigtable is not None:
+            sinks["WriteBigtable"] = ChangelogOnly(bigtable)
+        bigquery = self.bigquery_target()
+        if bigquery is not None:
+            sinks["WriteBigQuery"] = WriteChangelogToBigQuery(
+                *bigquery, test_client=bigquery_test_client)
+        return sinks
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(

@@ -21,10 +21,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-from pipeline.graph import ClickstreamMetrics
+from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.job import RunSummary, counters_of
 from pipeline.options import ClickstreamOptions
-from transforms.sink_duckdb import WriteToDuckDB
 
 
 class ReplayOptions(PipelineOptions):
@@ -108,7 +107,7 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
         | "Clickstream" >> ClickstreamMetrics(
             config, clickstream.dedup_buckets,
             archive=clickstream.raw_archive(bounded=False)))
-    (changelog, dead_letters) | "WriteDuckDB" >> WriteToDuckDB(clickstream.duckdb_path)
+    write_to_sinks((changelog, dead_letters), clickstream.sinks())
     result = p.run()
     state = result.wait_until_finish()
     counters = counters_of(result)

@@ -35,3 +35,38 @@ def print_report(path: str, changelog: bool = False) -> None:
             SELECT timing, sign, count(*) FROM metric_changelog GROUP BY 1, 2 ORDER BY 1, 2""")
         print("Changelog rows by timing and sign: " + ", ".join(
             f"{t}/{'+' if s > 0 else '-'}={n}" for t, s, n in rows))
+
+
+def print_day_revisions(path: str, day: str, metric: str = "active_users") -> None:
+    """Day D's daily `metric` through its changelog (every revision, the retractions
+    folded in), then every BATCH correction of day D's windows: what a consumer sees."""
+    from pipeline.finalize import day_bounds
+
+    start, end = day_bounds(day)
+    rows = read_rows(path, """
+        SELECT revision, timing, value, is_final
+        FROM metric_changelog
+        WHERE sign > 0 AND granularity = 'day' AND metric = ? AND dims = '{}'
+          AND window_start = ?
+        ORDER BY revision""", [metric, start])
+    print(f"\n{metric} for {day} (day window), every revision in metric_changelog:")
+    print("  revision  timing   value  final")
+    for revision, timing, value, final in rows:
+        print(f"  {revision:>8}  {timing:<7} {value:>6,}  {final}")
+    batch = read_rows(path, """
+        SELECT n.metric, n.dims, n.granularity,
+               strftime(n.window_start AT TIME ZONE 'UTC', '%Y-%m-%d %H:00'),
+               o.value, n.value, n.revision
+        FROM metric_changelog n
+        LEFT JOIN metric_changelog o
+          ON o.metric = n.metric AND o.dims = n.dims AND o.granularity = n.granularity
+         AND o.window_start = n.window_start AND o.revision = n.revision - 1
+         AND o.sign = -1
+        WHERE n.timing = 'BATCH' AND n.sign > 0
+          AND n.window_start >= ? AND n.window_start < ?
+        ORDER BY n.granularity, 4, n.metric, n.dims, n.revision""", [start, end])
+    print(f"\nBATCH corrections of {day}'s windows ({len(batch)}):")
+    for m, dims, granularity, start, old, new, revision in batch:
+        old_text = "—" if old is None else f"{old:,}"
+        print(f"  {granularity:<4} {start}  {m:<13} {dims:<30} {old_text:>6} → {new:>6,}"
+              f"  (revision {revision})")

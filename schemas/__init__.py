@@ -13,7 +13,10 @@ from importlib import resources
 from typing import Any, TypedDict
 
 GRANULARITIES = ("hour", "day")
-TIMINGS = ("EARLY", "ON_TIME", "LATE")
+TIMINGS = ("EARLY", "ON_TIME", "LATE", "BATCH")
+# BATCH: a revision written by the daily finalize job (recomputed from the raw archive),
+# not by a streaming pane.
+BATCH_TIMING = "BATCH"
 
 CHANGELOG_COLUMNS = (
     "metric", "dims", "granularity", "window_start", "window_end", "value", "sign",

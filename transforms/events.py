@@ -6,6 +6,7 @@ matches schemas/event.avsc.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -33,6 +34,21 @@ class Event(NamedTuple):
         record = self._asdict()
         record["event_time"] = record.pop("event_time_ms")
         return record
+
+    @classmethod
+    def from_avro(cls, record: dict) -> Event:
+        """The inverse of to_avro. fastavro reads the timestamp-millis event_time back as
+        an aware datetime; integer arithmetic on it keeps the milliseconds exact (a float
+        timestamp() can be off by one)."""
+        t = record["event_time"]
+        ms = t if isinstance(t, int) else (t - _EPOCH) // _ONE_MS
+        return cls(record["event_id"], record["event_type"], ms, record["device_id"],
+                   record.get("user_id"), record.get("session_id"), record.get("platform"),
+                   dict(record.get("properties") or {}))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 class EventCoder(beam.coders.Coder):

@@ -61,6 +61,20 @@ def classify_timing(runner_timing: str, watermark_passed: bool, seen_on_time: bo
     return "ON_TIME" if watermark_passed else "EARLY"
 
 
+def retraction_of(row: schemas.ChangelogRow, emitted_at: datetime) -> schemas.ChangelogRow:
+    """The row again with sign -1: it cancels `row` in sum(sign × value). It keeps the
+    row's revision (the changelog key is revision *and* sign), so each revision is
+    retracted at most once, whichever job writes the retraction."""
+    return dict(row, sign=-1, emitted_at=emitted_at)  # type: ignore[return-value]
+
+
+def final_revision_of(row: schemas.ChangelogRow, emitted_at: datetime
+                      ) -> schemas.ChangelogRow:
+    """The final mark: the same value at the next revision with is_final set."""
+    return dict(row, revision=row["revision"] + 1,  # type: ignore[return-value]
+                is_final=True, emitted_at=emitted_at)
+
+
 class _WindowState:
     """What the changelog stage remembers per window, for all its metrics and dims."""
 
@@ -172,8 +186,7 @@ class EmitRetractionsFn(beam.DoFn):
             cleanup_timer.set(fired_at + self._cleanup_after_s)
         emitted_at = self._clock()
         for key, last in list(current.last.items()):
-            final: schemas.ChangelogRow = dict(  # type: ignore[assignment]
-                last, revision=last["revision"] + 1, is_final=True, emitted_at=emitted_at)
+            final = final_revision_of(last, emitted_at)
             self._finalized.inc()
             yield from self._replace(last, final)
             current.last[key] = final
@@ -195,7 +208,7 @@ class EmitRetractionsFn(beam.DoFn):
                  ) -> Iterable[schemas.ChangelogRow]:
         if last is not None:
             self._retractions.inc()
-            yield dict(last, sign=-1, emitted_at=new["emitted_at"])  # type: ignore[misc]
+            yield retraction_of(last, new["emitted_at"])
         self._revisions.inc()
         yield new
 

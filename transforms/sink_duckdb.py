@@ -188,3 +188,57 @@ def read_series_from_duckdb(
         for column in ("window_start", "window_end", "emitted_at"):
             row[column] = row[column].astimezone(UTC)
     return series
+
+
+_HELD_SQL = """
+    SELECT l.metric, l.dims, l.granularity, l.window_start, l.window_end, l.value,
+           l.revision, coalesce(c.pane_index, 0), l.timing, l.is_final, l.emitted_at
+    FROM metric_latest l
+    LEFT JOIN metric_changelog c
+      ON c.metric = l.metric AND c.dims = l.dims AND c.granularity = l.granularity
+     AND c.window_start = l.window_start AND c.revision = l.revision AND c.sign = 1
+    WHERE l.window_start >= ? AND l.window_start < ?"""
+
+
+def read_latest_rows(path: str, start: datetime, end: datetime
+                     ) -> list[schemas.ChangelogRow]:
+    """The +1 changelog row of every key's latest revision, for windows starting in
+    [start, end): what a correction has to retract. pane_index comes from the
+    changelog, the rest from metric_latest (the changelog always has the row; the
+    coalesce only keeps a hand-edited table readable)."""
+    with _PROCESS_LOCK:
+        con = connect(path)  # not read-only: creates the tables of a new file
+        try:
+            create_tables(con)
+            rows = con.execute(_HELD_SQL, [start, end]).fetchall()
+        finally:
+            con.close()
+    return [{
+        "metric": metric, "dims": dims, "granularity": granularity,
+        "window_start": window_start.astimezone(UTC),
+        "window_end": window_end.astimezone(UTC), "value": value, "sign": 1,
+        "revision": revision, "pane_index": pane_index, "timing": timing,
+        "is_final": is_final, "emitted_at": emitted_at.astimezone(UTC),
+    } for (metric, dims, granularity, window_start, window_end, value, revision,
+           pane_index, timing, is_final, emitted_at) in rows]
+
+
+class ReadLatestFromDuckDB(beam.PTransform):
+    """PBegin → the latest ChangelogRow per key for windows starting in [start, end).
+
+    Read when the pipeline runs (not when it is built), so the snapshot is as fresh as
+    the corrections written from it.
+    """
+
+    def __init__(self, path: str, start: datetime, end: datetime) -> None:
+        super().__init__()
+        self._path = path
+        self._start = start
+        self._end = end
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        path = self._path
+        return (pbegin
+                | "Range" >> beam.Create([(self._start, self._end)])
+                | "ReadLatest" >> beam.FlatMap(
+                    lambda bounds: read_latest_rows(path, *bounds)))

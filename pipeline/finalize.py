@@ -1,0 +1,143 @@
+"""The daily finalize-and-correct job: recompute day D exactly from the raw archive and
+write a correcting revision wherever the sinks hold something else.
+
+    archive (event_date=D) ──► dedup(event_id) ──► hour & day metrics ──┐
+                                                                       ├─► correct ──► sinks
+    sink's latest rows for D's windows ────────────────────────────────┘   (BATCH / final)
+
+The streaming graph drops events that arrive after their window's allowed lateness,
+and (with `--distinct hll`) estimates distinct users; the archive has every unique
+event, so this batch recompute is the exact answer for the day. It reuses the graph's
+own stages (DeduplicateEvents, ComputeMetrics) with a bounded config, so it cannot
+drift from the streaming definitions, and writes through the same sinks
+(ClickstreamOptions.sinks), so every store receives the same correction rows.
+
+Run it after day D's lateness horizon (D + 1 day + allowed lateness), when the
+streaming job will not write D's windows again. Should a straggling pane still come,
+its revision collides with the correction's and the sinks' keyed writes drop it (the
+changelog stays consistent, the value stays the corrected one); the event is in the
+archive, so running finalize again picks it up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline.graph import write_to_sinks
+from pipeline.job import counters_of
+from pipeline.options import ClickstreamOptions
+from transforms.archive import ReadRawArchive, day_glob
+from transforms.correct import CorrectChangelog, utc_now
+from transforms.dedup import DeduplicateEvents
+from transforms.metrics import ComputeMetrics, MetricPane
+from transforms.notify import NotifyCorrections
+from transforms.sink_duckdb import ReadLatestFromDuckDB
+
+
+class FinalizeOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        group = parser.add_argument_group("finalize")
+        group.add_argument("--date", default=None,
+                           help="The UTC event date to finalize, YYYY-MM-DD.")
+        group.add_argument("--notify_topic", default="",
+                           help="Pub/Sub topic (projects/P/topics/T) that gets one JSON "
+                                "message per corrected window (empty: none).")
+
+
+def day_bounds(day: str) -> tuple[datetime, datetime]:
+    """[start, end) of a UTC date, as aware datetimes."""
+    start = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
+    return start, start + timedelta(days=1)
+
+
+def _in_day(start: datetime, end: datetime) -> Callable[[MetricPane], bool]:
+    def keep(pane: MetricPane) -> bool:
+        return start <= pane.window_start < end
+    return keep
+
+
+def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
+                   clock: Callable[[], datetime] = utc_now, notify_topic: str = "") -> None:
+    start, end = day_bounds(day)
+    config = options.metrics_config().for_bounded_input()
+    unique = (
+        p
+        | "ReadArchive" >> ReadRawArchive(options.archive_path, day)
+        # The archive may hold an event twice: two runs over overlapping input, or a
+        # too-late event redelivered after the stream's dedup state for the day expired.
+        | "Dedup" >> DeduplicateEvents(config.allowed_lateness_s, options.dedup_buckets,
+                                       bounded=True))
+    recomputed = (
+        unique
+        | "Metrics" >> ComputeMetrics(config)
+        # The partition holds only day D's events; this keeps a misplaced file from
+        # writing windows of another day.
+        | "OnlyDay" >> beam.Filter(_in_day(start, end)))
+    held = p | "ReadSinkLatest" >> ReadLatestFromDuckDB(options.duckdb_path, start, end)
+    corrections = (recomputed, held) | "Correct" >> CorrectChangelog(clock)
+    no_dead_letters = p | "NoDeadLetters" >> beam.Create([])
+    sinks = options.sinks()
+    if notify_topic:
+        sinks["NotifyCorrections"] = NotifyCorrections(notify_topic)
+    write_to_sinks((corrections, no_dead_letters), sinks)
+
+
+@dataclass
+class FinalizeSummary:
+    day: str
+    counters: dict[str, int]
+    elapsed_s: float
+    state: str
+
+    def render(self) -> str:
+        c = self.counters
+        return "\n".join([
+            f"pipeline state: {self.state}",
+            f"finalize {self.day}: archive {c.get('archive_read', 0):,} records = "
+            f"{c.get('unique', 0):,} unique events + {c.get('duplicates', 0):,} "
+            "stored twice",
+            f"windows corrected (BATCH revision): {c.get('finalize_windows_corrected', 0):,}"
+            f" (of which {c.get('finalize_keys_only_in_sink', 0):,} retracted to 0, "
+            f"{c.get('finalize_keys_only_in_archive', 0):,} new to the sink)",
+            f"windows equal, marked final: {c.get('finalize_windows_marked_final', 0):,}; "
+            f"already final and equal: {c.get('finalize_windows_already_final', 0):,}",
+            f"changelog rows written: {c.get('duckdb_rows.changelog', 0):,}",
+            *([f"notifications published: {c['notifications_published']:,}"]
+              if "notifications_published" in c else []),
+            f"elapsed {self.elapsed_s:.1f} s",
+        ])
+
+
+def run_finalize(argv: Sequence[str],
+                 clock: Callable[[], datetime] = utc_now) -> FinalizeSummary:
+    options = PipelineOptions(list(argv))
+    options.view_as(StandardOptions).streaming = False
+    finalize_options = options.view_as(FinalizeOptions)
+    day = finalize_options.date
+    clickstream = options.view_as(ClickstreamOptions)
+    if not day:
+        raise SystemExit("--date YYYY-MM-DD is required: the UTC event date to finalize")
+    day_bounds(day)  # a malformed date fails here, before anything runs
+    if not clickstream.archive_path:
+        raise SystemExit("--archive_path is required: the raw archive the streaming "
+                         "job wrote (its --archive_path)")
+    pattern = day_glob(clickstream.archive_path, day)
+    if not FileSystems.match([pattern])[0].metadata_list:
+        # Refuse rather than read "no events": that would retract the whole day.
+        raise SystemExit(f"no archive files match {pattern}: nothing to finalize "
+                         "(wrong --archive_path or --date?)")
+    started = time.monotonic()
+    p = beam.Pipeline(options=options)
+    build_finalize(p, clickstream, day, clock, finalize_options.notify_topic)
+    result = p.run()
+    state = result.wait_until_finish()
+    return FinalizeSummary(day, counters_of(result), time.monotonic() - started,
+                           str(state))
