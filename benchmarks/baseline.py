@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.deduplicate import DeduplicatePerKey
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.graph import ClickstreamMetrics
@@ -62,13 +62,18 @@ class _CountAndBatchFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._batcher: BundleBatcher[None] = BundleBatcher()
 
-    def process(self, event: Event) -> None:
-        self._batcher.add(None, event)
+    def process(self, event: Event) -> Iterable[WindowedValue]:
+        full = self._batcher.add(None, event)
+        if full is not None:
+            yield self._batch(*full)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
-        for _, batch, earliest in self._batcher.drain():
-            self._counter.inc(len(batch))
-            yield in_global_window(batch, earliest)
+        for batch in self._batcher.drain():
+            yield self._batch(*batch)
+
+    def _batch(self, _: None, events: list[Event], earliest: Timestamp) -> WindowedValue:
+        self._counter.inc(len(events))
+        return in_global_window(events, earliest)
 
 
 class BeamDeduplicatePerKey(beam.PTransform):

@@ -154,7 +154,7 @@ class BatchByDestinationFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._batcher: BundleBatcher[Destination] = BundleBatcher()
 
-    def process(self, unique: EventBatch) -> None:
+    def process(self, unique: EventBatch) -> Iterable[WindowedValue]:
         for event in unique:
             hour = event.event_time_ms // 3_600_000
             partition = self._partitions.get(hour)
@@ -162,15 +162,19 @@ class BatchByDestinationFn(beam.DoFn):
                 if len(self._partitions) > 10_000:
                     self._partitions.clear()
                 partition = self._partitions[hour] = partition_of(event.event_time_ms)
-            self._batcher.add((partition, archive_bucket(event.event_id, self._buckets)),
-                              event)
+            full = self._batcher.add(
+                (partition, archive_bucket(event.event_id, self._buckets)), event)
+            if full is not None:
+                yield self._encoded(*full)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
-        archived = 0
-        for destination, batch, earliest in self._batcher.drain():
-            archived += len(batch)
-            yield in_global_window((destination, encode_events(batch)), earliest)
-        self._events.inc(archived)
+        for batch in self._batcher.drain():
+            yield self._encoded(*batch)
+
+    def _encoded(self, destination: Destination, events: list[Event],
+                 earliest: Timestamp) -> WindowedValue:
+        self._events.inc(len(events))
+        return in_global_window((destination, encode_events(events)), earliest)
 
 
 class VerifyArchiveFilesFn(beam.DoFn):

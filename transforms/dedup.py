@@ -88,12 +88,18 @@ class BatchByBucketFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._batcher: BundleBatcher[int] = BundleBatcher()
 
-    def process(self, event: Event) -> None:
-        self._batcher.add(id_bucket(event.event_id, self._buckets), event)
+    def process(self, event: Event) -> Iterable[WindowedValue]:
+        full = self._batcher.add(id_bucket(event.event_id, self._buckets), event)
+        if full is not None:
+            yield self._encoded(*full)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
-        for bucket, batch, earliest in self._batcher.drain():
-            yield in_global_window((bucket, encode_events(batch)), earliest)
+        for batch in self._batcher.drain():
+            yield self._encoded(*batch)
+
+    @staticmethod
+    def _encoded(bucket: int, events: list[Event], earliest: Timestamp) -> WindowedValue:
+        return in_global_window((bucket, encode_events(events)), earliest)
 
 
 class _DropRepeatsFn(beam.DoFn):
