@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from pipeline.graph import ClickstreamMetrics
 from pipeline.job import build, counters_of
 from pipeline.options import ClickstreamOptions
 from tests import servers
+from tests.changelog_samples import CHANGELOG, CLICK, T0, VIEW, row
 from tests.fixtures_servers import bigquery_server  # noqa: F401  (fixture)
 from transforms import sink_bigquery
 from transforms.sink_bigquery import (
@@ -43,39 +44,9 @@ from transforms.sources import ReadEventFiles
 
 PROJECT = "local"
 EVENTS = 6_000
-T0 = datetime(2026, 11, 28, 6, tzinfo=UTC)
-CLICK = '{"event_type":"click"}'
-VIEW = '{"event_type":"view"}'
 KEY = "metric, dims, granularity, window_start"
 
 
-def row(dims, start, value, sign, revision, timing="EARLY", is_final=False,
-        granularity="hour", metric="events") -> dict[str, Any]:
-    length = timedelta(hours=1) if granularity == "hour" else timedelta(days=1)
-    return {
-        "metric": metric, "dims": dims, "granularity": granularity,
-        "window_start": start, "window_end": start + length, "value": value,
-        "sign": sign, "revision": revision, "pane_index": revision - 1,
-        "timing": timing, "is_final": is_final,
-        "emitted_at": T0 + timedelta(minutes=revision),
-    }
-
-
-# The Bigtable sink test's changelog: one replayed revision, out-of-order revisions.
-CHANGELOG = [
-    row(CLICK, T0, 8, -1, 3, "LATE", True),
-    row(CLICK, T0, 11, +1, 3, "LATE", True),
-    row(CLICK, T0, 5, +1, 1),
-    row(CLICK, T0, 5, -1, 2, "ON_TIME"),
-    row(CLICK, T0, 8, +1, 2, "ON_TIME"),
-    row(CLICK, T0, 8, +1, 2, "ON_TIME"),  # a replayed revision
-    row(CLICK, T0 + timedelta(hours=1), 3, +1, 1),
-    row(VIEW, T0, 7, +1, 1),
-    row(VIEW, T0, 7, -1, 2),
-    row(VIEW, T0, 9, +1, 2, "ON_TIME"),
-    row(CLICK, T0.replace(hour=0), 14, +1, 1, granularity="day"),
-    row("{}", T0, 2, +1, 1, metric="active_users"),
-]
 DEAD_LETTERS = [{
     "dead_letter_id": "abc-0", "payload": b"\xff{not json", "reason": "malformed_json",
     "detail": "Expecting value", "ingest_time": T0,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from tests.changelog_samples import CHANGELOG, CLICK, T0, VIEW, row
 from tests.fixtures_servers import bigtable_emulator  # noqa: F401  (fixture)
 from transforms import sink_bigtable
 from transforms.sink_bigtable import (
@@ -17,41 +18,8 @@ from transforms.sink_bigtable import (
 )
 
 PROJECT, INSTANCE = "test-project", "test-instance"
-T0 = datetime(2026, 11, 28, 6, tzinfo=UTC)
-CLICK = '{"event_type":"click"}'
-VIEW = '{"event_type":"view"}'
 
 
-def row(dims, start, value, sign, revision, timing="EARLY", is_final=False,
-        granularity="hour", metric="events"):
-    length = timedelta(hours=1) if granularity == "hour" else timedelta(days=1)
-    return {
-        "metric": metric, "dims": dims, "granularity": granularity,
-        "window_start": start, "window_end": start + length, "value": value,
-        "sign": sign, "revision": revision, "pane_index": revision - 1,
-        "timing": timing, "is_final": is_final,
-        "emitted_at": T0 + timedelta(minutes=revision),
-    }
-
-
-CHANGELOG = [
-    # window 06:00 click: 5 -> 8 -> 11 (final); revision 3 listed first on purpose
-    row(CLICK, T0, 8, -1, 3, "LATE", True),
-    row(CLICK, T0, 11, +1, 3, "LATE", True),
-    row(CLICK, T0, 5, +1, 1),
-    row(CLICK, T0, 5, -1, 2, "ON_TIME"),
-    row(CLICK, T0, 8, +1, 2, "ON_TIME"),
-    row(CLICK, T0, 8, +1, 2, "ON_TIME"),  # a replayed revision
-    # window 07:00 click, one early pane
-    row(CLICK, T0 + timedelta(hours=1), 3, +1, 1),
-    # window 06:00 view
-    row(VIEW, T0, 7, +1, 1),
-    row(VIEW, T0, 7, -1, 2),
-    row(VIEW, T0, 9, +1, 2, "ON_TIME"),
-    # the day window, and a metric with no dims
-    row(CLICK, T0.replace(hour=0), 14, +1, 1, granularity="day"),
-    row("{}", T0, 2, +1, 1, metric="active_users"),
-]
 
 
 def run_write(table):
