@@ -16,17 +16,14 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.events import Event
+from transforms.events import Event, EventBatch
 
 K = TypeVar("K", bound=Hashable)
-
-# A batch of unique events, as DeduplicateEvents emits them: stamped with the earliest.
-EventBatch = list[Event]
 
 
 DEFAULT_MAX_BATCH = 4096
 
-Batch = tuple[K, list[Event], Timestamp]  # key, events, earliest event time
+Batch = tuple[K, EventBatch, Timestamp]  # key, events, earliest event time
 
 
 class BundleBatcher(Generic[K]):
@@ -40,14 +37,14 @@ class BundleBatcher(Generic[K]):
 
     def __init__(self, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._max_batch = max_batch
-        self._batches: dict[K, list[Event]] = {}
+        self._batches: dict[K, EventBatch] = {}
         self._earliest_ms: dict[K, int] = {}
 
     def add(self, key: K, event: Event) -> Batch | None:
         """Adds `event` to `key`'s batch; returns the batch if that filled it."""
         batch = self._batches.get(key)
         if batch is None:
-            self._batches[key] = [event]
+            self._batches[key] = EventBatch((event,))
             self._earliest_ms[key] = event.event_time_ms
             return None
         if event.event_time_ms < self._earliest_ms[key]:

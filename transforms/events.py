@@ -64,11 +64,45 @@ class EventCoder(beam.coders.Coder):
     def is_deterministic(self) -> bool:
         return True
 
+    def estimate_size(self, event: Event) -> int:
+        # The runner samples element sizes for its byte counters; encoding each sampled
+        # element to measure it was 2% of a 1M-event run.
+        return ESTIMATED_EVENT_BYTES
+
     def to_type_hint(self):
         return Event
 
 
 beam.coders.registry.register_coder(Event, EventCoder)
+
+ESTIMATED_EVENT_BYTES = 220  # JSON-encoded, as generated; only for the runner's counters
+
+
+class EventBatch(list[Event]):
+    """Events that travel as one element: a dedup group's unique events, stamped with
+    the earliest event time among them (consumers read each event's own time)."""
+
+
+class EventBatchCoder(beam.coders.Coder):
+    """One orjson document per batch (see encode_events)."""
+
+    def encode(self, batch: EventBatch) -> bytes:
+        return encode_events(batch)
+
+    def decode(self, encoded: bytes) -> EventBatch:
+        return EventBatch(decode_events(encoded))
+
+    def is_deterministic(self) -> bool:
+        return True
+
+    def estimate_size(self, batch: EventBatch) -> int:
+        return ESTIMATED_EVENT_BYTES * len(batch)
+
+    def to_type_hint(self):
+        return EventBatch
+
+
+beam.coders.registry.register_coder(EventBatch, EventBatchCoder)
 
 
 def encode_events(events: list[Event]) -> bytes:
