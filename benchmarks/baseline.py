@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.deduplicate import DeduplicatePerKey
+from apache_beam.utils import windowed_value
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -76,17 +77,28 @@ class _CountAndBatchFn(beam.DoFn):
         return in_global_window(events, earliest)
 
 
+class _ExplodeFn(beam.DoFn):
+    """EventBatches → Events, each at its own event time (DeduplicatePerKey keys and
+    times each event on its own)."""
+
+    def process(self, batch: EventBatch, window=beam.DoFn.WindowParam
+                ) -> Iterable[WindowedValue]:
+        for event in batch:
+            yield windowed_value.create(event, event.event_time_ms * 1000, (window,))
+
+
 class BeamDeduplicatePerKey(beam.PTransform):
-    """Events → the first copy of each event_id (as EventBatches), with Beam's
+    """EventBatches → the first copy of each event_id (as EventBatches), with Beam's
     DeduplicatePerKey."""
 
     def __init__(self, allowed_lateness_s: int) -> None:
         super().__init__()
         self._allowed_lateness_s = allowed_lateness_s
 
-    def expand(self, events: beam.PCollection) -> beam.PCollection:
+    def expand(self, batches: beam.PCollection) -> beam.PCollection:
         return (
-            events
+            batches
+            | "Explode" >> beam.ParDo(_ExplodeFn()).with_output_types(Event)
             | "CountIn" >> beam.ParDo(_CountFn(DEDUP_INPUT_COUNTER)).with_output_types(Event)
             | "KeyByEventId" >> beam.Map(lambda e: (e.event_id, e)).with_output_types(
                 tuple[str, Event])

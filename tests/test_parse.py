@@ -167,7 +167,8 @@ def test_pipeline_dead_letters_keep_payload_and_number_copies() -> None:
     payloads = [with_(event_id="ok-1"), bad, bad, b"[1]", without("device_id")]
     with TestPipeline() as p:
         events, dead = p | beam.Create(payloads) | ParseEvents()
-        assert_that(events | beam.Map(lambda e: e.event_id), equal_to(["ok-1"]),
+        assert_that(events | beam.FlatMap(lambda batch: [e.event_id for e in batch]),
+                    equal_to(["ok-1"]),
                     label="Valid")
         assert_that(
             dead | beam.Map(lambda r: (r["payload"], r["reason"],

@@ -39,7 +39,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger as triggers
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -253,20 +253,28 @@ def day_glob(base_path: str, date: str) -> str:
 
 
 class _FromAvroFn(beam.DoFn):
+    """Avro records → EventBatches, as the parse stage emits them (each stamped with
+    its earliest event time, so the same windowing puts it in the same windows)."""
+
     def __init__(self) -> None:
         self._read = Metrics.counter(METRICS_NAMESPACE, "archive_read")
 
+    def start_bundle(self) -> None:
+        self._batcher: BundleBatcher[None] = BundleBatcher()
+
     def process(self, record: dict) -> Iterable[WindowedValue]:
         self._read.inc()
-        event = Event.from_avro(record)
-        # Stamped with its event time, as the streaming source does, so the same
-        # windowing puts it in the same windows.
-        yield WindowedValue(event, Timestamp(micros=event.event_time_ms * 1000),
-                            (GlobalWindow(),))
+        full = self._batcher.add(None, Event.from_avro(record))
+        if full is not None:
+            yield in_global_window(full[1], full[2])
+
+    def finish_bundle(self) -> Iterable[WindowedValue]:
+        for _, batch, earliest in self._batcher.drain():
+            yield in_global_window(batch, earliest)
 
 
 class ReadRawArchive(beam.PTransform):
-    """One event date of the archive → Events stamped with their event times.
+    """One event date of the archive → EventBatches, as the parse stage emits them.
 
     Not deduplicated: a day can hold an event twice (two runs over overlapping input,
     see the module docstring), so readers deduplicate as the streaming path does.
@@ -281,4 +289,4 @@ class ReadRawArchive(beam.PTransform):
         return (
             pbegin
             | "ReadAvro" >> beam.io.ReadFromAvro(self._pattern)
-            | "ToEvents" >> beam.ParDo(_FromAvroFn()).with_output_types(Event))
+            | "ToEventBatches" >> beam.ParDo(_FromAvroFn()).with_output_types(EventBatch))

@@ -88,10 +88,12 @@ class BatchByBucketFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._batcher: BundleBatcher[int] = BundleBatcher()
 
-    def process(self, event: Event) -> Iterable[WindowedValue]:
-        full = self._batcher.add(id_bucket(event.event_id, self._buckets), event)
-        if full is not None:
-            yield self._encoded(*full)
+    def process(self, events: EventBatch) -> Iterable[WindowedValue]:
+        buckets, batcher = self._buckets, self._batcher
+        for event in events:
+            full = batcher.add(id_bucket(event.event_id, buckets), event)
+            if full is not None:
+                yield self._encoded(*full)
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
         for batch in self._batcher.drain():
@@ -193,8 +195,8 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
 
 
 class DeduplicateEvents(beam.PTransform):
-    """Events → the first copy of each event_id, as EventBatches (lists of Events, each
-    stamped with its earliest event time; consumers read each event's own time).
+    """EventBatches → the first copy of each event_id, as EventBatches (each stamped
+    with its earliest event time; consumers read each event's own time).
 
     Events are batched per bucket (per bundle, then by a GroupByKey) before the stateful
     step, so state is read and written once per bucket per firing rather than once per
