@@ -162,10 +162,16 @@ class PreAggregateFn(beam.DoFn):
     """
 
     def __init__(self, granularities: Sequence[str], config: MetricsConfig) -> None:
-        self._plans = tuple(
-            (granularity, GRANULARITY_SECONDS[granularity] * 1000,
-             tuple(metric_specs(granularity, config)))
-            for granularity in granularities)
+        # Per metric: what an event contributes (the same at every granularity, so it is
+        # asked once an event) and, per granularity, the window size and combine.
+        plans: dict[str, tuple[Callable, list[tuple[str, int, beam.CombineFn]]]] = {}
+        for granularity in granularities:
+            for spec in metric_specs(granularity, config):
+                _, targets = plans.setdefault(spec.name, (spec.contributions, []))
+                targets.append((granularity, GRANULARITY_SECONDS[granularity] * 1000,
+                                spec.combine_fn))
+        self._plans = tuple((name, contributions, tuple(targets))
+                            for name, (contributions, targets) in plans.items())
 
     def start_bundle(self) -> None:
         # (granularity, metric, dims, window start ms) → [accumulator, earliest ms]
@@ -175,17 +181,20 @@ class PreAggregateFn(beam.DoFn):
         partials = self._partials
         for event in unique:
             t = event.event_time_ms
-            for granularity, size_ms, specs in self._plans:
-                window = t - t % size_ms
-                for spec in specs:
-                    for dims, value in spec.contributions(event):
-                        key = (granularity, spec.name, dims, window)
+            for name, contributions, targets in self._plans:
+                contributed = contributions(event)
+                if not contributed:
+                    continue
+                for granularity, size_ms, combine_fn in targets:
+                    window = t - t % size_ms
+                    for dims, value in contributed:
+                        key = (granularity, name, dims, window)
                         partial = partials.get(key)
                         if partial is None:
-                            partial = partials[key] = [spec.combine_fn.create_accumulator(), t]
+                            partial = partials[key] = [combine_fn.create_accumulator(), t]
                         elif t < partial[1]:
                             partial[1] = t
-                        partial[0] = spec.combine_fn.add_input(partial[0], value)
+                        partial[0] = combine_fn.add_input(partial[0], value)
 
     def finish_bundle(self) -> Iterable[beam.pvalue.TaggedOutput]:
         for (granularity, metric, dims, window), (acc, earliest_ms) in \

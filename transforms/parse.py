@@ -319,7 +319,15 @@ class ParseEventFn(beam.DoFn):
         for _, batch, earliest in self._batcher.drain():
             yield in_global_window(batch, earliest)
 
-    def process(self, payload: bytes) -> Iterable[Any]:
+    def process(self, payloads: bytes | list[bytes]) -> Iterable[Any]:
+        """One payload, or a list of them (the file source hands lines on in lists)."""
+        for payload in payloads if isinstance(payloads, list) else (payloads,):
+            output = self._parse(payload)
+            if output is not None:
+                yield output
+
+    def _parse(self, payload: bytes) -> Any:
+        """A dead letter, a full batch of valid events, or None (the event was batched)."""
         self._read_n += 1
         if isinstance(payload, str):  # e.g. a str-typed source: keep its bytes exactly
             payload = payload.encode("utf-8", "surrogateescape")
@@ -328,25 +336,22 @@ class ParseEventFn(beam.DoFn):
         except InvalidEvent as invalid:
             self._invalid.inc()
             self._reason_counter(invalid.reason).inc()
-            yield beam.pvalue.TaggedOutput(
+            return beam.pvalue.TaggedOutput(
                 DEAD_LETTER_TAG,
                 dead_letter_row(payload, invalid.reason, invalid.detail,
                                 datetime.fromtimestamp(self._clock(), tz=UTC)))
-            return
         except Exception as unexpected:
             self._invalid.inc()
             self._reason_counter("internal_error").inc()
-            yield beam.pvalue.TaggedOutput(
+            return beam.pvalue.TaggedOutput(
                 DEAD_LETTER_TAG,
                 dead_letter_row(payload, "internal_error", repr(unexpected)[:500],
                                 datetime.fromtimestamp(self._clock(), tz=UTC)))
-            return
         self._valid_n += 1
         # Valid events leave in batches (one element per 4,096 events or per bundle):
         # every element handed to the next step cost the runner ~2.4 µs (py-spy, 1M).
         full = self._batcher.add(None, event)
-        if full is not None:
-            yield in_global_window(full[1], full[2])
+        return None if full is None else in_global_window(full[1], full[2])
 
     def _reason_counter(self, reason: str) -> Any:
         counter = self._by_reason.get(reason)
@@ -368,7 +373,8 @@ class NumberDuplicatePayloads(beam.DoFn):
 
 
 class ParseEvents(beam.PTransform):
-    """Raw payloads → (valid Events in EventBatches, dead-letter rows with stable ids)."""
+    """Raw payloads (bytes, or lists of them) → (valid Events in EventBatches,
+    dead-letter rows with stable ids)."""
 
     def __init__(self, clock: Callable[[], float] = time.time,
                  dead_letter_window_s: int = 60) -> None:
