@@ -2,15 +2,17 @@
 write a correcting revision wherever the sinks hold something else.
 
     archive (event_date=D) ──► dedup(event_id) ──► hour & day metrics ──┐
-                                                                       ├─► correct ──► sinks
-    sink's latest rows for D's windows ────────────────────────────────┘   (BATCH / final)
+                                                                       ├─► correct ──► that sink
+    each sink's latest rows for D's windows ───────────────────────────┘   (BATCH / final)
 
 The streaming graph drops events that arrive after their window's allowed lateness,
 and (with `--distinct hll`) estimates distinct users; the archive has every unique
 event, so this batch recompute is the exact answer for the day. It reuses the graph's
 own stages (DeduplicateEvents, ComputeMetrics) with a bounded config, so it cannot
-drift from the streaming definitions, and writes through the same sinks
-(ClickstreamOptions.sinks), so every store receives the same correction rows.
+drift from the streaming definitions. Every configured sink (ClickstreamOptions.sinks:
+DuckDB, and BigQuery and Bigtable when their flags are set) is read back and corrected
+against its own rows, so each store ends at the exact answer even where the stores
+disagreed before.
 
 Run it after day D's lateness horizon (D + 1 day + allowed lateness), when the
 streaming job will not write D's windows again. Should a straggling pane still come,
@@ -25,20 +27,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.graph import write_to_sinks
 from pipeline.job import counters_of
 from pipeline.options import ClickstreamOptions
 from transforms.archive import ReadRawArchive, day_glob
-from transforms.correct import CorrectChangelog, utc_now
+from transforms.correct import CorrectChangelog, ReadHeldRows, utc_now
 from transforms.dedup import DeduplicateEvents
 from transforms.metrics import ComputeMetrics, MetricPane
 from transforms.notify import NotifyCorrections
-from transforms.sink_duckdb import ReadLatestFromDuckDB
+
+# The store whose corrections the summary counts and --notify_topic announces (the
+# others' counters carry a .bigquery / .bigtable suffix): DuckDB is always configured.
+REFERENCE_SINK = "WriteDuckDB"
 
 
 class FinalizeOptions(PipelineOptions):
@@ -65,7 +70,12 @@ def _in_day(start: datetime, end: datetime) -> Callable[[MetricPane], bool]:
 
 
 def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
-                   clock: Callable[[], datetime] = utc_now, notify_topic: str = "") -> None:
+                   clock: Callable[[], datetime] = utc_now, notify_topic: str = "",
+                   bigquery_test_client: Any = None) -> None:
+    """Recompute day D once, then correct every sink against what that sink holds:
+    stores can disagree (a write that failed in one, a DuckDB file local to a worker),
+    and a correction must retract the row *that* store's consumers read.
+    ``bigquery_test_client``: tests only (see pipeline/job.py build)."""
     start, end = day_bounds(day)
     config = options.metrics_config().for_bounded_input()
     unique = (
@@ -81,13 +91,18 @@ def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
         # The partition holds only day D's events; this keeps a misplaced file from
         # writing windows of another day.
         | "OnlyDay" >> beam.Filter(_in_day(start, end)))
-    held = p | "ReadSinkLatest" >> ReadLatestFromDuckDB(options.duckdb_path, start, end)
-    corrections = (recomputed, held) | "Correct" >> CorrectChangelog(clock)
     no_dead_letters = p | "NoDeadLetters" >> beam.Create([])
-    sinks = options.sinks()
-    if notify_topic:
-        sinks["NotifyCorrections"] = NotifyCorrections(notify_topic)
-    write_to_sinks((corrections, no_dead_letters), sinks)
+    readers = options.held_readers(bigquery_test_client)
+    for label, sink in options.sinks(bigquery_test_client).items():
+        store = label.removeprefix("Write")
+        held = p | f"HeldIn{store}" >> ReadHeldRows(readers[label], start, end)
+        corrections = (recomputed, held) | f"CorrectFor{store}" >> CorrectChangelog(
+            clock, counter_suffix="" if label == REFERENCE_SINK else f".{store.lower()}")
+        (corrections, no_dead_letters) | label >> sink
+        if notify_topic and label == REFERENCE_SINK:
+            # One message per corrected window, not one per store.
+            (corrections, no_dead_letters) | "NotifyCorrections" >> NotifyCorrections(
+                notify_topic)
 
 
 @dataclass
@@ -116,8 +131,8 @@ class FinalizeSummary:
         ])
 
 
-def run_finalize(argv: Sequence[str],
-                 clock: Callable[[], datetime] = utc_now) -> FinalizeSummary:
+def run_finalize(argv: Sequence[str], clock: Callable[[], datetime] = utc_now,
+                 bigquery_test_client: Any = None) -> FinalizeSummary:
     options = PipelineOptions(list(argv))
     options.view_as(StandardOptions).streaming = False
     finalize_options = options.view_as(FinalizeOptions)
@@ -136,7 +151,8 @@ def run_finalize(argv: Sequence[str],
                          "(wrong --archive_path or --date?)")
     started = time.monotonic()
     p = beam.Pipeline(options=options)
-    build_finalize(p, clickstream, day, clock, finalize_options.notify_topic)
+    build_finalize(p, clickstream, day, clock, finalize_options.notify_topic,
+                   bigquery_test_client)
     result = p.run()
     state = result.wait_until_finish()
     return FinalizeSummary(day, counters_of(result), time.monotonic() - started,

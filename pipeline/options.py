@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import apache_beam as beam
@@ -11,9 +14,9 @@ from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
-from transforms.sink_bigquery import WriteChangelogToBigQuery
-from transforms.sink_bigtable import WriteChangelogToBigtable
-from transforms.sink_duckdb import WriteToDuckDB
+from transforms.sink_bigquery import WriteChangelogToBigQuery, read_latest_rows_from_bigquery
+from transforms.sink_bigtable import WriteChangelogToBigtable, read_latest_rows_from_bigtable
+from transforms.sink_duckdb import WriteToDuckDB, read_latest_rows
 
 DAY_S = 86400
 
@@ -141,6 +144,22 @@ class ClickstreamOptions(PipelineOptions):
         if not project:
             raise SystemExit("--bigquery_dataset needs --bigquery_project (or --project)")
         return project, self.bigquery_dataset
+
+    def held_readers(self, bigquery_test_client: Any = None
+                     ) -> dict[str, Callable[[datetime, datetime], list]]:
+        """Per sink (by the labels of `sinks`), the reader of what it holds for windows
+        starting in [start, end): finalize corrects each store against its own rows."""
+        readers: dict[str, Callable[[datetime, datetime], list]] = {
+            "WriteDuckDB": functools.partial(read_latest_rows, self.duckdb_path)}
+        if self.bigtable_sink() is not None:
+            readers["WriteBigtable"] = functools.partial(
+                read_latest_rows_from_bigtable, self.bigtable_project,
+                self.bigtable_instance, self.bigtable_table)
+        bigquery = self.bigquery_target()
+        if bigquery is not None:
+            readers["WriteBigQuery"] = functools.partial(
+                read_latest_rows_from_bigquery, *bigquery, client=bigquery_test_client)
+        return readers
 
     def sinks(self, bigquery_test_client: Any = None) -> dict[str, beam.PTransform]:
         """Every sink of (changelog rows, dead-letter rows), by step label. The bounded,

@@ -237,6 +237,10 @@ class LocalBigQueryTestClient:
                 client_options=ClientOptions(api_endpoint=self.endpoint))
         return self._cloud
 
+    def query(self, *args, **kwargs):
+        """google-cloud-bigquery's query, for readers given this object as their client."""
+        return self.cloud.query(*args, **kwargs)
+
     # apitools services
     @property
     def tables(self):

@@ -95,14 +95,18 @@ def correction_rows(held: schemas.ChangelogRow | None, recomputed: MetricPane | 
 class CorrectWindowsFn(beam.DoFn):
     """(window key, {"recomputed": panes, "held": rows}) → correction changelog rows."""
 
-    def __init__(self, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, clock: Callable[[], datetime] = utc_now,
+                 counter_suffix: str = "") -> None:
         self._clock = clock
-        counter = Metrics.counter
-        self._corrected = counter(METRICS_NAMESPACE, "finalize_windows_corrected")
-        self._marked_final = counter(METRICS_NAMESPACE, "finalize_windows_marked_final")
-        self._already_final = counter(METRICS_NAMESPACE, "finalize_windows_already_final")
-        self._retracted = counter(METRICS_NAMESPACE, "finalize_keys_only_in_sink")
-        self._added = counter(METRICS_NAMESPACE, "finalize_keys_only_in_archive")
+
+        def counter(name: str) -> Any:
+            return Metrics.counter(METRICS_NAMESPACE, name + counter_suffix)
+
+        self._corrected = counter("finalize_windows_corrected")
+        self._marked_final = counter("finalize_windows_marked_final")
+        self._already_final = counter("finalize_windows_already_final")
+        self._retracted = counter("finalize_keys_only_in_sink")
+        self._added = counter("finalize_keys_only_in_archive")
 
     def process(self, grouped: tuple[WindowKey, dict[str, Sequence[Any]]]
                 ) -> Iterable[schemas.ChangelogRow]:
@@ -124,13 +128,33 @@ class CorrectWindowsFn(beam.DoFn):
         yield from rows
 
 
-class CorrectChangelog(beam.PTransform):
-    """(recomputed MetricPanes, held latest ChangelogRows) → correction changelog rows,
-    for the same sinks the streaming job writes to."""
+class ReadHeldRows(beam.PTransform):
+    """PBegin → what one sink holds: its latest ChangelogRow (sign +1) per key, for
+    windows starting in [start, end). `read(start, end)` is the sink's own reader; it
+    runs when the pipeline runs, so the snapshot is as fresh as the corrections."""
 
-    def __init__(self, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, read: Callable[[datetime, datetime], Iterable[schemas.ChangelogRow]],
+                 start: datetime, end: datetime) -> None:
+        super().__init__()
+        self._read = read
+        self._bounds = (start, end)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        read = self._read
+        return (pbegin
+                | "Range" >> beam.Create([self._bounds])
+                | "ReadLatest" >> beam.FlatMap(lambda bounds: read(*bounds)))
+
+
+class CorrectChangelog(beam.PTransform):
+    """(recomputed MetricPanes, one sink's held latest ChangelogRows) → the correction
+    changelog rows for that sink. `counter_suffix` tells sinks' counters apart."""
+
+    def __init__(self, clock: Callable[[], datetime] = utc_now,
+                 counter_suffix: str = "") -> None:
         super().__init__()
         self._clock = clock
+        self._counter_suffix = counter_suffix
 
     def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]
                ) -> beam.PCollection:
@@ -148,4 +172,4 @@ class CorrectChangelog(beam.PTransform):
                     lambda r: (row_key(r), r)).with_output_types(_Keyed),
             }
             | "JoinByWindow" >> beam.CoGroupByKey()
-            | "Correct" >> beam.ParDo(CorrectWindowsFn(self._clock)))
+            | "Correct" >> beam.ParDo(CorrectWindowsFn(self._clock, self._counter_suffix)))

@@ -398,6 +398,28 @@ def read_series_from_bigquery(
     if end is not None:
         conditions.append("window_start < @end")
         params.append(bigquery.ScalarQueryParameter("end", "TIMESTAMP", end))
+    return _query_latest(project, dataset, table, conditions, params, client)
+
+
+def read_latest_rows_from_bigquery(project: str, dataset: str, start: datetime,
+                                   end: datetime, *, client: Any = None
+                                   ) -> list[schemas.ChangelogRow]:
+    """What the sink holds for windows starting in [start, end): the latest row per
+    key, as the +1 changelog row that a correction retracts (finalize)."""
+    from google.cloud import bigquery
+
+    rows = _query_latest(
+        project, dataset, LATEST_VIEW, ["window_start >= @start", "window_start < @end"],
+        [bigquery.ScalarQueryParameter("start", "TIMESTAMP", start),
+         bigquery.ScalarQueryParameter("end", "TIMESTAMP", end)], client)
+    return [dict(row, sign=1) for row in rows]  # type: ignore[misc]
+
+
+def _query_latest(project: str, dataset: str, table: str, conditions: list[str],
+                  params: list[Any], client: Any) -> list[dict[str, Any]]:
+    """metric_latest rows (plus pane_index) matching `conditions`, oldest window first."""
+    from google.cloud import bigquery
+
     columns = ", ".join((*schemas.LATEST_COLUMNS, "pane_index"))
     sql = (f"SELECT {columns} FROM `{project}.{dataset}.{table}` "
            f"WHERE {' AND '.join(conditions)} ORDER BY window_start")

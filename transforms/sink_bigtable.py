@@ -65,7 +65,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import apache_beam as beam
@@ -374,6 +374,35 @@ def read_series_from_bigtable(
         out.append(decoded)
     out.sort(key=lambda r: r["window_start"])
     return out
+
+
+def read_latest_rows_from_bigtable(project: str, instance: str, table: str,
+                                   start: datetime, end: datetime
+                                   ) -> list[schemas.ChangelogRow]:
+    """What the sink holds for windows starting in [start, end) (finalize): the latest
+    row per key as the +1 changelog row a correction retracts. The window is the row
+    key's last part, so a key regex selects the days of [start, end) on the server."""
+    from google.cloud.bigtable.row_filters import (
+        CellsColumnLimitFilter,
+        RowFilterChain,
+        RowKeyRegexFilter,
+    )
+
+    days, day = [], start.astimezone(UTC).date()
+    while datetime.combine(day, datetime.min.time(), tzinfo=UTC) < end:
+        days.append(f"{day:%Y%m%d}")
+        day += timedelta(days=1)
+    key_regex = ("^.*#(" + "|".join(days) + r")[0-9]{2}$").encode("ascii")
+    rows = _table(project, instance, table).read_rows(filter_=RowFilterChain(filters=[
+        RowKeyRegexFilter(key_regex), CellsColumnLimitFilter(1)]))
+    out = []
+    for row in rows:
+        cells = {col.decode("ascii"): cell_list[0].value
+                 for col, cell_list in row.cells.get(FAMILY, {}).items()}
+        latest = decode_cells(cells)
+        if start <= latest["window_start"] < end:
+            out.append(dict(latest, sign=1))
+    return out  # type: ignore[return-value]
 
 
 def read_all_rows(project: str, instance: str, table: str) -> Iterable[dict[str, Any]]:

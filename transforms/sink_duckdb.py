@@ -221,24 +221,3 @@ def read_latest_rows(path: str, start: datetime, end: datetime
         "is_final": is_final, "emitted_at": emitted_at.astimezone(UTC),
     } for (metric, dims, granularity, window_start, window_end, value, revision,
            pane_index, timing, is_final, emitted_at) in rows]
-
-
-class ReadLatestFromDuckDB(beam.PTransform):
-    """PBegin → the latest ChangelogRow per key for windows starting in [start, end).
-
-    Read when the pipeline runs (not when it is built), so the snapshot is as fresh as
-    the corrections written from it.
-    """
-
-    def __init__(self, path: str, start: datetime, end: datetime) -> None:
-        super().__init__()
-        self._path = path
-        self._start = start
-        self._end = end
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        path = self._path
-        return (pbegin
-                | "Range" >> beam.Create([(self._start, self._end)])
-                | "ReadLatest" >> beam.FlatMap(
-                    lambda bounds: read_latest_rows(path, *bounds)))
