@@ -92,10 +92,9 @@ def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
         # writing windows of another day.
         | "OnlyDay" >> beam.Filter(_in_day(start, end)))
     no_dead_letters = p | "NoDeadLetters" >> beam.Create([])
-    readers = options.held_readers(bigquery_test_client)
-    for label, sink in options.sinks(bigquery_test_client).items():
+    for label, (sink, read_held) in options.stores(bigquery_test_client).items():
         store = label.removeprefix("Write")
-        held = p | f"HeldIn{store}" >> ReadHeldRows(readers[label], start, end)
+        held = p | f"HeldIn{store}" >> ReadHeldRows(read_held, start, end)
         corrections = (recomputed, held) | f"CorrectFor{store}" >> CorrectChangelog(
             clock, counter_suffix="" if label == REFERENCE_SINK else f".{store.lower()}")
         (corrections, no_dead_letters) | label >> sink

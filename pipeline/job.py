@@ -76,8 +76,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
-    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
+    return result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+
+
+def _counters(query: dict[str, list]) -> dict[str, int]:
     counters: dict[str, int] = {}
     for counter in query["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
@@ -85,17 +88,25 @@ def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return counters
 
 
-def watermark_lag_s(result: beam.runners.runner.PipelineResult) -> int | None:
-    """The latest `watermark_lag_s` gauge (transforms/freshness.py), or None before the
-    first sample (and on bounded runs, which have none)."""
-    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE)
-                                   .with_name("watermark_lag_s"))
+def _watermark_lag(query: dict[str, list]) -> int | None:
     latest = None
     for gauge in query["gauges"]:
+        if gauge.key.metric.name != "watermark_lag_s":
+            continue
         value = gauge.committed if gauge.committed is not None else gauge.attempted
         if value is not None and (latest is None or value.timestamp > latest.timestamp):
             latest = value
     return None if latest is None else int(latest.value)
+
+
+def counters_of(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    return _counters(_query(result))
+
+
+def watermark_lag_s(result: beam.runners.runner.PipelineResult) -> int | None:
+    """The latest `watermark_lag_s` gauge (transforms/freshness.py), or None before the
+    first sample (and on bounded runs, which have none)."""
+    return _watermark_lag(_query(result))
 
 
 def build(p: beam.Pipeline, options: ClickstreamOptions, *,
@@ -154,8 +165,8 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
                      stop: threading.Event, every_s: float) -> None:
     while not stop.wait(every_s):
         try:
-            read = counters_of(result).get("read", 0)
-            lag_s = watermark_lag_s(result)
+            query = _query(result)  # one metrics query a line
+            read, lag_s = _counters(query).get("read", 0), _watermark_lag(query)
         except Exception:
             continue
         elapsed = time.monotonic() - started

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
@@ -31,6 +31,14 @@ class ChangelogOnly(beam.PTransform):
 
     def expand(self, outputs: tuple[beam.PCollection, beam.PCollection]) -> Any:
         return outputs[0] | self._sink
+
+
+class Store(NamedTuple):
+    """One output store: its writer, and the reader of its latest rows for the windows
+    starting in [start, end) (as +1 changelog rows)."""
+
+    sink: beam.PTransform
+    read_held: Callable[[datetime, datetime], list]
 
 
 class ClickstreamOptions(PipelineOptions):
@@ -119,8 +127,9 @@ class ClickstreamOptions(PipelineOptions):
         return WriteRawArchive(self.archive_path, run_id=run_id,
                                buckets=self.archive_buckets, bounded=bounded)
 
-    def bigtable_sink(self) -> WriteChangelogToBigtable | None:
-        """The Bigtable sink for --bigtable_*, or None when all three are empty."""
+    def bigtable_target(self) -> tuple[str, str, str] | None:
+        """(project, instance, table) of the Bigtable sink, or None when all three
+        --bigtable_* flags are empty."""
         given = (self.bigtable_project, self.bigtable_instance, self.bigtable_table)
         if not any(given):
             return None
@@ -128,7 +137,7 @@ class ClickstreamOptions(PipelineOptions):
             # A half-configured sink would silently write nowhere: refuse it up front.
             raise SystemExit("--bigtable_project, --bigtable_instance and --bigtable_table "
                              "go together: give all three, or none for no Bigtable sink")
-        return WriteChangelogToBigtable(*given, create_table=True)
+        return given
 
     def bigquery_target(self) -> tuple[str, str] | None:
         """(project, dataset) of the BigQuery sink, or None when --bigquery_dataset is empty.
@@ -145,36 +154,30 @@ class ClickstreamOptions(PipelineOptions):
             raise SystemExit("--bigquery_dataset needs --bigquery_project (or --project)")
         return project, self.bigquery_dataset
 
-    def held_readers(self, bigquery_test_client: Any = None
-                     ) -> dict[str, Callable[[datetime, datetime], list]]:
-        """Per sink (by the labels of `sinks`), the reader of what it holds for windows
-        starting in [start, end): finalize corrects each store against its own rows."""
-        readers: dict[str, Callable[[datetime, datetime], list]] = {
-            "WriteDuckDB": functools.partial(read_latest_rows, self.duckdb_path)}
-        if self.bigtable_sink() is not None:
-            readers["WriteBigtable"] = functools.partial(
-                read_latest_rows_from_bigtable, self.bigtable_project,
-                self.bigtable_instance, self.bigtable_table)
+    def stores(self, bigquery_test_client: Any = None) -> dict[str, Store]:
+        """Every configured store, by step label: how to write (changelog rows,
+        dead-letter rows) to it, and how to read back what it holds (finalize corrects
+        each store against its own rows). ``bigquery_test_client``: tests only (Beam's
+        WriteToBigQuery has no endpoint option; see transforms/sink_bigquery.py)."""
+        stores = {"WriteDuckDB": Store(WriteToDuckDB(self.duckdb_path),
+                                       functools.partial(read_latest_rows, self.duckdb_path))}
+        bigtable = self.bigtable_target()
+        if bigtable is not None:
+            stores["WriteBigtable"] = Store(
+                ChangelogOnly(WriteChangelogToBigtable(*bigtable, create_table=True)),
+                functools.partial(read_latest_rows_from_bigtable, *bigtable))
         bigquery = self.bigquery_target()
         if bigquery is not None:
-            readers["WriteBigQuery"] = functools.partial(
-                read_latest_rows_from_bigquery, *bigquery, client=bigquery_test_client)
-        return readers
+            stores["WriteBigQuery"] = Store(
+                WriteChangelogToBigQuery(*bigquery, test_client=bigquery_test_client),
+                functools.partial(read_latest_rows_from_bigquery, *bigquery,
+                                  client=bigquery_test_client))
+        return stores
 
     def sinks(self, bigquery_test_client: Any = None) -> dict[str, beam.PTransform]:
-        """Every sink of (changelog rows, dead-letter rows), by step label. The bounded,
-        streaming and finalize jobs all write through these, so each store receives the
-        same rows, corrections included. ``bigquery_test_client``: tests only (Beam's
-        WriteToBigQuery has no endpoint option; see transforms/sink_bigquery.py)."""
-        sinks: dict[str, beam.PTransform] = {"WriteDuckDB": WriteToDuckDB(self.duckdb_path)}
-        bigtable = self.bigtable_sink()
-        if bigtable is not None:
-            sinks["WriteBigtable"] = ChangelogOnly(bigtable)
-        bigquery = self.bigquery_target()
-        if bigquery is not None:
-            sinks["WriteBigQuery"] = WriteChangelogToBigQuery(
-                *bigquery, test_client=bigquery_test_client)
-        return sinks
+        """Every store's writer, by step label. The bounded, streaming and finalize jobs
+        all write through these, so each store receives the same rows."""
+        return {label: store.sink for label, store in self.stores(bigquery_test_client).items()}
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(

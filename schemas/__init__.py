@@ -62,6 +62,11 @@ def canonical_dims(dims: Mapping[str, Any]) -> str:
                       separators=(",", ":"), ensure_ascii=False)
 
 
+def dims_text(dims: str | Mapping[str, Any]) -> str:
+    """Dims given as canonical JSON already, or as a mapping to canonicalise."""
+    return dims if isinstance(dims, str) else canonical_dims(dims)
+
+
 def changelog_key(row: Mapping[str, Any]) -> tuple:
     """The identity of a changelog row: retried writes of the same key are one row."""
     return (row["metric"], row["dims"], row["granularity"], row["window_start"],

@@ -361,10 +361,6 @@ class WriteChangelogToBigQuery(beam.PTransform):
 
 # --- reading ---------------------------------------------------------------------------
 
-def _dims_str(dims: str | Mapping[str, Any]) -> str:
-    return dims if isinstance(dims, str) else schemas.canonical_dims(dims)
-
-
 def _client(project: str, client: Any):
     if client is not None:
         return client
@@ -391,7 +387,7 @@ def read_series_from_bigquery(
     conditions = ["metric = @metric", "granularity = @granularity", "dims = @dims"]
     params = [bigquery.ScalarQueryParameter("metric", "STRING", metric),
               bigquery.ScalarQueryParameter("granularity", "STRING", granularity),
-              bigquery.ScalarQueryParameter("dims", "STRING", _dims_str(dims))]
+              bigquery.ScalarQueryParameter("dims", "STRING", schemas.dims_text(dims))]
     if start is not None:
         conditions.append("window_start >= @start")
         params.append(bigquery.ScalarQueryParameter("start", "TIMESTAMP", start))

@@ -339,8 +339,10 @@ class WriteChangelogToBigtable(beam.PTransform):
             | "WriteRows" >> beam.ParDo(_WriteRowsFn(self.config)))
 
 
-def _dims_str(dims: str | Mapping[str, Any]) -> str:
-    return dims if isinstance(dims, str) else schemas.canonical_dims(dims)
+def _decoded(row: Any) -> dict[str, Any]:
+    """A row read with CellsColumnLimitFilter(1) as a ``metric_latest``-shaped dict."""
+    return decode_cells({col.decode("ascii"): cells[0].value
+                         for col, cells in row.cells.get(FAMILY, {}).items()})
 
 
 def read_series_from_bigtable(
@@ -355,7 +357,7 @@ def read_series_from_bigtable(
     """
     from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
 
-    dims = _dims_str(dims)
+    dims = schemas.dims_text(dims)
     prefix = series_prefix(metric, granularity, dims)
     start_key = prefix + (_window_token(start).encode("ascii") if start else b"")
     end_key = (prefix + _window_token(end).encode("ascii")) if end else \
@@ -364,9 +366,7 @@ def read_series_from_bigtable(
     out = []
     for row in tbl.read_rows(start_key=start_key, end_key=end_key,
                              filter_=CellsColumnLimitFilter(1)):
-        cells = {col.decode("ascii"): cell_list[0].value
-                 for col, cell_list in row.cells.get(FAMILY, {}).items()}
-        decoded = decode_cells(cells)
+        decoded = _decoded(row)
         if decoded["dims"] != dims:  # a hash collision: not this series
             continue
         if end is not None and decoded["window_start"] >= end:
@@ -397,9 +397,7 @@ def read_latest_rows_from_bigtable(project: str, instance: str, table: str,
         RowKeyRegexFilter(key_regex), CellsColumnLimitFilter(1)]))
     out = []
     for row in rows:
-        cells = {col.decode("ascii"): cell_list[0].value
-                 for col, cell_list in row.cells.get(FAMILY, {}).items()}
-        latest = decode_cells(cells)
+        latest = _decoded(row)
         if start <= latest["window_start"] < end:
             out.append(dict(latest, sign=1))
     return out  # type: ignore[return-value]
@@ -411,6 +409,4 @@ def read_all_rows(project: str, instance: str, table: str) -> Iterable[dict[str,
 
     for row in _table(project, instance, table).read_rows(
             filter_=CellsColumnLimitFilter(1)):
-        cells = {col.decode("ascii"): cell_list[0].value
-                 for col, cell_list in row.cells.get(FAMILY, {}).items()}
-        yield dict(decode_cells(cells), row_key=row.row_key.decode("utf-8"))
+        yield dict(_decoded(row), row_key=row.row_key.decode("utf-8"))

@@ -181,8 +181,8 @@ def read_series_from_duckdb(
     ``start`` is inclusive and ``end`` exclusive (window_start bounds, tz-aware), as in
     ``sink_bigtable.read_series_from_bigtable``; each dict has the same keys.
     """
-    dims = dims if isinstance(dims, str) else schemas.canonical_dims(dims)
-    rows = read_rows(path, _SERIES_SQL, (metric, granularity, dims, start, end))
+    rows = read_rows(path, _SERIES_SQL,
+                     (metric, granularity, schemas.dims_text(dims), start, end))
     series = [dict(zip(_SERIES_COLUMNS, row, strict=True)) for row in rows]
     for row in series:
         for column in ("window_start", "window_end", "emitted_at"):
