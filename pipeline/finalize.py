@@ -15,7 +15,8 @@ against its own rows, so each store ends at the exact answer even where the stor
 disagreed before.
 
 Run it after day D's lateness horizon (D + 1 day + allowed lateness), when the
-streaming job will not write D's windows again. Should a straggling pane still come,
+streaming job will not write D's windows again; before it, finalize refuses unless
+--force_before_horizon. Should a straggling pane still come,
 its revision collides with the correction's and the sinks' keyed writes drop it (the
 changelog stays consistent, the value stays the corrected one); the event is in the
 archive, so running finalize again picks it up.
@@ -55,12 +56,23 @@ class FinalizeOptions(PipelineOptions):
         group.add_argument("--notify_topic", default="",
                            help="Pub/Sub topic (projects/P/topics/T) that gets one JSON "
                                 "message per corrected window (empty: none).")
+        group.add_argument("--force_before_horizon", action="store_true", default=False,
+                           help="Finalize although D's lateness horizon (D + 1 day + "
+                                "--allowed_lateness_s) has not passed. The streaming job "
+                                "may still revise D's windows; a pane it writes after this "
+                                "finalize collides with the BATCH revision and is dropped "
+                                "until finalize runs again.")
 
 
 def day_bounds(day: str) -> tuple[datetime, datetime]:
     """[start, end) of a UTC date, as aware datetimes."""
     start = datetime.combine(date.fromisoformat(day), datetime.min.time(), tzinfo=UTC)
     return start, start + timedelta(days=1)
+
+
+def horizon(day: str, allowed_lateness_s: int) -> datetime:
+    """When the streaming job stops revising day D's windows: D's end + allowed lateness."""
+    return day_bounds(day)[1] + timedelta(seconds=allowed_lateness_s)
 
 
 def _in_day(start: datetime, end: datetime) -> Callable[[MetricPane], bool]:
@@ -140,6 +152,15 @@ def run_finalize(argv: Sequence[str], clock: Callable[[], datetime] = utc_now,
     if not day:
         raise SystemExit("--date YYYY-MM-DD is required: the UTC event date to finalize")
     day_bounds(day)  # a malformed date fails here, before anything runs
+    closes = horizon(day, clickstream.allowed_lateness_s)
+    if clock() < closes and not finalize_options.force_before_horizon:
+        # Finalizing early marks windows final that the stream may still revise: a
+        # consumer would read "final" and then see the number change.
+        raise SystemExit(
+            f"day {day} is still open: the streaming job may revise its windows until "
+            f"{closes:%Y-%m-%d %H:%M} UTC (D + 1 day + --allowed_lateness_s "
+            f"{clickstream.allowed_lateness_s} s). Run finalize after that, or pass "
+            "--force_before_horizon to finalize now anyway.")
     if not clickstream.archive_path:
         raise SystemExit("--archive_path is required: the raw archive the streaming "
                          "job wrote (its --archive_path)")

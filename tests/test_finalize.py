@@ -14,7 +14,7 @@ import glob
 import json
 import os
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import fastavro
 import pytest
@@ -225,6 +225,25 @@ def test_finalize_refuses_a_day_the_archive_does_not_have(streamed, tmp_path) ->
     assert ran.returncode != 0
     assert "no archive files match" in ran.stderr + ran.stdout
     assert read_rows(db, CHANGELOG_SQL) == read_rows(streamed_db, CHANGELOG_SQL)
+
+
+def test_finalize_refuses_an_open_day_unless_forced(streamed, tmp_path) -> None:
+    _, archive, streamed_db = streamed
+    db = str(tmp_path / "sink.duckdb")
+    shutil.copy(streamed_db, db)
+    closes = datetime(2026, 11, 5, tzinfo=UTC)  # D + 1 day + 3 days of allowed lateness
+    argv = ["--date", DAY, "--archive_path", archive, "--duckdb_path", db,
+            "--distinct", "exact"]
+    with pytest.raises(SystemExit, match=r"still open.*2026-11-05 00:00 UTC"):
+        run_finalize(argv, clock=lambda: closes - timedelta(seconds=1))
+    assert read_rows(db, CHANGELOG_SQL) == read_rows(streamed_db, CHANGELOG_SQL)
+    # A shorter lateness moves the horizon with it.
+    early = run_finalize([*argv, "--allowed_lateness_s", "3600"],
+                         clock=lambda: datetime(2026, 11, 2, 1, tzinfo=UTC))
+    assert early.counters["finalize_windows_corrected"] > 0
+    forced = run_finalize([*argv, "--force_before_horizon"],
+                          clock=lambda: closes - timedelta(hours=1))
+    assert forced.state == "DONE"
 
 
 PANE = MetricPane("events", '{"event_type":"tap"}', "hour",
