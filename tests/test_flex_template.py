@@ -299,6 +299,16 @@ def _stages() -> list[dict]:
             flags = [w for w in words if w.startswith("--")]
             paths = [w for w in words if not w.startswith("--")]
             *sources, dest = paths
+            source_stage = next((named for named in stages for f in flags
+                                 if f == f"--from={named['name']}"), None)
+            if source_stage is not None and source_stage["from"] == "scratch":
+                # The files a project stage gathered land under this stage's dest.
+                dest = dest if dest.startswith("/") else f"{stages[-1]['workdir']}/{dest}"
+                for source, there in source_stage["copies"]:
+                    here = os.path.join(dest, os.path.relpath(there, sources[0]))
+                    stages[-1]["copies"].append((source, here + ("/" if there.endswith("/")
+                                                                 else "")))
+                continue
             if any(f.startswith("--from=") for f in flags):
                 stages[-1]["copy_from"].append((flags, sources, dest))
                 continue
@@ -358,7 +368,7 @@ def test_dockerfile_flex_variables_point_at_copied_files():
 def test_dockerfile_base_images_are_pinned_and_match_the_lock():
     stages = _stages()
     bases = {stage["from"] for stage in stages if stage["from"] not in
-             {s["name"] for s in stages}}
+             {s["name"] for s in stages} | {"scratch"}}
     launcher_base = [b for b in bases if "python311-template-launcher-base" in b]
     beam_sdk = [b for b in bases if b.startswith("apache/beam_python3.11_sdk")]
     assert len(launcher_base) == 1 and len(beam_sdk) == 1, bases
