@@ -34,7 +34,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline.job import counters_of
+from pipeline.job import counters_of, explain_sink_failures
 from pipeline.options import ClickstreamOptions
 from transforms.archive import ReadRawArchive, day_glob
 from transforms.correct import CorrectChangelog, ReadHeldRows, utc_now
@@ -104,7 +104,7 @@ def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
         # writing windows of another day.
         | "OnlyDay" >> beam.Filter(_in_day(start, end)))
     no_dead_letters = p | "NoDeadLetters" >> beam.Create([])
-    for label, (sink, read_held) in options.stores(bigquery_test_client).items():
+    for label, (sink, read_held, _) in options.stores(bigquery_test_client).items():
         store = label.removeprefix("Write")
         held = p | f"HeldIn{store}" >> ReadHeldRows(read_held, start, end)
         corrections = (recomputed, held) | f"CorrectFor{store}" >> CorrectChangelog(
@@ -173,7 +173,8 @@ def run_finalize(argv: Sequence[str], clock: Callable[[], datetime] = utc_now,
     p = beam.Pipeline(options=options)
     build_finalize(p, clickstream, day, clock, finalize_options.notify_topic,
                    bigquery_test_client)
-    result = p.run()
-    state = result.wait_until_finish()
+    with explain_sink_failures(clickstream):
+        result = p.run()
+        state = result.wait_until_finish()
     return FinalizeSummary(day, counters_of(result), time.monotonic() - started,
                            str(state))

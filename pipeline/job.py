@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,28 @@ def watermark_lag_s(result: beam.runners.runner.PipelineResult) -> int | None:
     return _watermark_lag(_query(result))
 
 
+class SinkFailure(SystemExit):
+    """A run failed in a store's writes; the message names the store and says what to
+    do. A SystemExit, like the job's other errors meant for the user: the console
+    script prints the message as its last line and exits with status 1."""
+
+
+@contextlib.contextmanager
+def explain_sink_failures(options: ClickstreamOptions) -> Iterator[None]:
+    """Run a pipeline (``p.run()`` to ``wait_until_finish()``) inside this: a failure
+    that a configured store recognizes as its own (``Store.explain_failure``) becomes a
+    ``SinkFailure`` with that store's advice; any other failure passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        for store in options.stores().values():
+            advice = store.explain_failure(exc)
+            if advice:
+                log.error("the run failed in a sink", exc_info=exc)
+                raise SinkFailure(f"run failed: {advice}") from exc
+        raise
+
+
 def build(p: beam.Pipeline, options: ClickstreamOptions, *,
           bigquery_test_client: Any = None) -> None:
     """The job's graph: the source the flags choose, the clickstream graph, the sinks.
@@ -184,15 +207,17 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build(p, clickstream)
-    result = p.run()
     stop = threading.Event()
-    reporter = threading.Thread(target=_report_progress,
-                                args=(result, started, stop, progress_every_s), daemon=True)
-    reporter.start()
-    try:
-        state = result.wait_until_finish()
-    finally:
-        stop.set()
+    with explain_sink_failures(clickstream):
+        result = p.run()
+        reporter = threading.Thread(target=_report_progress,
+                                    args=(result, started, stop, progress_every_s),
+                                    daemon=True)
+        reporter.start()
+        try:
+            state = result.wait_until_finish()
+        finally:
+            stop.set()
     return RunSummary(counters_of(result), time.monotonic() - started, str(state))
 
 
@@ -252,7 +277,8 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
                 reason.append(f"--max_run_s {clickstream.max_run_s} reached")
                 break
         if failure:
-            raise failure[0]
+            with explain_sink_failures(clickstream):
+                raise failure[0]
         stop.set()
         log.info("stopping (%s): letting in-flight messages settle, then cancelling",
                  reason[0] if reason else "stop requested")

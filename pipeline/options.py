@@ -15,7 +15,11 @@ from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
 from transforms.sink_bigquery import WriteChangelogToBigQuery, read_latest_rows_from_bigquery
-from transforms.sink_bigtable import WriteChangelogToBigtable, read_latest_rows_from_bigtable
+from transforms.sink_bigtable import (
+    WriteChangelogToBigtable,
+    read_latest_rows_from_bigtable,
+)
+from transforms.sink_bigtable import explain_failure as explain_bigtable_failure
 from transforms.sink_duckdb import WriteToDuckDB, read_latest_rows
 
 DAY_S = 86400
@@ -33,12 +37,18 @@ class ChangelogOnly(beam.PTransform):
         return outputs[0] | self._sink
 
 
+def _unexplained(_error: BaseException) -> str | None:
+    return None
+
+
 class Store(NamedTuple):
-    """One output store: its writer, and the reader of its latest rows for the windows
-    starting in [start, end) (as +1 changelog rows)."""
+    """One output store: its writer, the reader of its latest rows for the windows
+    starting in [start, end) (as +1 changelog rows), and what to tell the user when a
+    run failed in it (None: not this store's failure; see pipeline/job.py)."""
 
     sink: beam.PTransform
     read_held: Callable[[datetime, datetime], list]
+    explain_failure: Callable[[BaseException], str | None] = _unexplained
 
 
 class ClickstreamOptions(PipelineOptions):
@@ -165,7 +175,8 @@ class ClickstreamOptions(PipelineOptions):
         if bigtable is not None:
             stores["WriteBigtable"] = Store(
                 ChangelogOnly(WriteChangelogToBigtable(*bigtable, create_table=True)),
-                functools.partial(read_latest_rows_from_bigtable, *bigtable))
+                functools.partial(read_latest_rows_from_bigtable, *bigtable),
+                functools.partial(explain_bigtable_failure, *bigtable))
         bigquery = self.bigquery_target()
         if bigquery is not None:
             stores["WriteBigQuery"] = Store(

@@ -22,7 +22,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
-from pipeline.job import RunSummary, counters_of
+from pipeline.job import RunSummary, counters_of, explain_sink_failures
 from pipeline.options import ClickstreamOptions
 
 
@@ -108,8 +108,9 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
             config, clickstream.dedup_buckets,
             archive=clickstream.raw_archive(bounded=False)))
     write_to_sinks((changelog, dead_letters), clickstream.sinks())
-    result = p.run()
-    state = result.wait_until_finish()
+    with explain_sink_failures(clickstream):
+        result = p.run()
+        state = result.wait_until_finish()
     counters = counters_of(result)
     # The BundleBasedDirectRunner under-reports user counters for TestStream input
     # (measured: read 167 of 300), so the replay reconciles from what reached DuckDB.

@@ -26,30 +26,32 @@ newest cell, so it wins whatever the write order. Reads ask for the newest cell 
 column, so they are right even before garbage collection runs. The GC rule is max
 versions, not max age: cell timestamps are revisions, not wall-clock times.
 
-Outages and retries. Beam's ``WriteToBigTable`` hands a bundle's rows to the client's
-``MutationsBatcher``; the client (google-cloud-bigtable 2.50) retries UNAVAILABLE and
-DEADLINE_EXCEEDED itself (backoff from 10 ms doubling to 60 s, 60 s per attempt) for up
-to 600 s, silently, and then ``finish_bundle`` raises a bare ``MutationsBatchError``
-(measured with the emulator gone: no counter, no log for 596 s, then "Errors in batch
-mutations."); the rows of that bundle are gone from the batcher. What happens next
-depends on the runner: the FnApiRunner (DirectRunner, batch) does not retry a bundle, it
-fails the whole job (measured: one attempt); Dataflow retries a batch work item 4 times
-and a streaming one until it succeeds. So the write here is our own DoFn
-(``_WriteRowsFn``) on the same client, with DirectRows as before: it keeps the bundle's
-rows, sends them with ``Table.mutate_rows`` (the client's own retry bounded to
-``call_budget_s``, each attempt to ``attempt_timeout_s``), and resends the rows that
-failed with a transient status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-ABORTED, INTERNAL) after an exponential backoff with jitter (``initial_backoff_s``
-doubling to ``max_backoff_s``), counting each resend in the ``bigtable_write_retries``
-counter. Resending is safe because every write is an idempotent overwrite (same cells,
-same revision timestamps). After ``give_up_after_s`` of failures (15 min by default,
-longer than the client's own 10), or at once on a permanent error (NOT_FOUND,
-PERMISSION_DENIED, ...), it raises ``BigtableWriteError``, which names the table, the
-rows not written and the last error, and says what to do: restore Bigtable and re-run
-the same input, which rewrites the same cells and doubles nothing.
-tests/test_bigtable_faults.py pauses the emulator (SIGSTOP) mid-write and resumes it:
-the resends are counted and the table ends equal to the oracle with no extra cell
-versions.
+Writing. The rows go through Beam's own ``WriteToBigTable`` (``apache_beam.io.gcp.
+bigtableio``, the Python writer, not the cross-language one) as DirectRows; the step
+before it (``_ToDirectRowFn``) builds them and, with ``create_table``, creates the
+table in its setup.
+
+Outages and retries. Retrying is the Bigtable client's, not ours: ``WriteToBigTable``
+hands each bundle's rows to the client's ``MutationsBatcher``, which in
+google-cloud-bigtable 2.50 sends them in the background through the data client's
+batcher (``mutate_rows``): it retries DEADLINE_EXCEEDED and UNAVAILABLE, and rows the
+server answered with those codes, with exponential backoff (10 ms doubling to 60 s,
+jittered), each attempt bounded to 60 s, for up to 600 s per request. It retries only
+idempotent mutations, which ours are because every cell has an explicit timestamp.
+Other errors (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT) are not retried. Nothing
+is logged or counted while it retries; what failed is raised when the bundle ends
+(``finish_bundle`` closes the batcher) as ``MutationsBatchError: Errors in batch
+mutations.``, with the API errors in its ``.exc``, and the bundle fails. Then the runner
+decides: Dataflow retries a failed batch work item (4 times) and a streaming one until
+it succeeds; Flink, with a restart strategy, restarts from its last checkpoint. Every
+write is an idempotent overwrite (same cells, same revision timestamps), so a retried
+bundle doubles nothing. The DirectRunner (FnApiRunner) does not retry a bundle: the job
+fails, and ``clickstream run`` ends with a message that names the table and says what
+to do (``explain_failure``, pipeline/job.py); re-running the same input is safe for the
+same reason. tests/test_bigtable_faults.py pauses the emulator (SIGSTOP) mid-write and
+resumes it: the client's retries ride it out and the table ends equal to the oracle
+with no extra cell versions; and a write to a missing table fails ``clickstream run``
+at once with that message.
 
 Depends on Beam, google-cloud-bigtable and ``schemas`` only. Against the emulator set
 BIGTABLE_EMULATOR_HOST.
@@ -59,14 +61,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import random
 import struct
-import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import traceback
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -173,170 +172,109 @@ def ensure_table(project: str, instance: str, table: str) -> None:
 
 
 METRICS_NAMESPACE = "clickstream"
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# gRPC status codes worth resending: the server is away, overloaded or timed out. Any
-# other code (NOT_FOUND, PERMISSION_DENIED, INVALID_ARGUMENT, ...) will not heal by
-# waiting, so it fails the bundle at once.
-_TRANSIENT_CODES = frozenset({4, 8, 10, 13, 14})  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
-#                                                   ABORTED, INTERNAL, UNAVAILABLE
 
 
-class BigtableWriteError(RuntimeError):
-    """Bigtable writes still failed after the bounded retries, or failed permanently."""
+class _ToDirectRowFn(beam.DoFn):
+    """Changelog row -> DirectRow; with ``create_table`` its setup creates the table.
 
+    The table is created here, in the setup of the step right before the write, and not
+    when the pipeline is built: setup runs where the writes run, with the workers'
+    credentials and network (a job built on a laptop or in a flex template launcher may
+    not reach the instance, or may lack table-admin rights there), and at run time, not
+    when a graph was built. Every row reaches ``WriteToBigTable`` only after passing
+    through an instance of this DoFn whose setup returned, so the table exists before
+    the first write on every runner, without a side input or an extra stage. Many
+    workers may race here; ``ensure_table`` tolerates AlreadyExists and costs one
+    GetTable per DoFn instance once the table exists.
+    """
 
-class _Resend(Exception):
-    """Some rows failed with a transient status: back off and send them again."""
-
-
-def _transient(exc: BaseException) -> bool:
-    from google.api_core import exceptions
-
-    if isinstance(exc, _Resend | exceptions.RetryError):  # RetryError: client deadline
-        return True
-    code = getattr(exc, "grpc_status_code", None)
-    return code is not None and code.value[0] in _TRANSIENT_CODES
-
-
-@dataclass(frozen=True)
-class BigtableWriteConfig:
-    """Where and how the sink writes; small and picklable, shipped with the DoFn."""
-
-    project: str
-    instance: str
-    table: str
-    # 1000 rows per request, as Beam's WriteToBigTable: a request of aggregates is a few
-    # hundred KB, far below Bigtable's 100k mutations per request.
-    flush_count: int = 1000
-    create_table: bool = False
-    attempt_timeout_s: float = 20.0  # one RPC attempt
-    call_budget_s: float = 60.0      # the client's own fast retries within one call
-    initial_backoff_s: float = 1.0   # our backoff between calls, doubling ...
-    max_backoff_s: float = 60.0      # ... up to this
-    give_up_after_s: float = 900.0   # then BigtableWriteError
-
-    @property
-    def path(self) -> str:
-        return f"projects/{self.project}/instances/{self.instance}/tables/{self.table}"
-
-
-class _WriteRowsFn(beam.DoFn):
-    """Changelog rows -> Bigtable, resending transient failures with bounded backoff."""
-
-    def __init__(self, config: BigtableWriteConfig) -> None:
-        self._config = config
-        self._retries = Metrics.counter(METRICS_NAMESPACE, "bigtable_write_retries")
-        self._written = Metrics.counter(METRICS_NAMESPACE, "bigtable_rows_written")
+    def __init__(self, project: str, instance: str, table: str, create_table: bool) -> None:
+        self._target = (project, instance, table)
+        self._create_table = create_table
+        self._rows = Metrics.counter(METRICS_NAMESPACE, "bigtable_rows_to_write")
 
     def setup(self) -> None:
-        c = self._config
-        if c.create_table:
-            # Many workers may race here; ensure_table tolerates AlreadyExists.
-            self._with_backoff(lambda: ensure_table(c.project, c.instance, c.table),
-                               "create the table")
-        self._table = _table(c.project, c.instance, c.table)
+        if self._create_table:
+            ensure_table(*self._target)
 
-    def start_bundle(self) -> None:
-        self._rows: list[Any] = []
-
-    def process(self, row: Mapping[str, Any]) -> None:
-        self._rows.append(to_direct_row(row))
-        if len(self._rows) >= self._config.flush_count:
-            self._flush()
-
-    def finish_bundle(self) -> None:
-        self._flush()
-
-    def _flush(self) -> None:
-        pending, self._rows = self._rows, []
-
-        def send() -> None:
-            nonlocal pending
-            failed = self._send(pending)
-            if failed:
-                status = failed[0][1]
-                message = (f"{len(failed)} of {len(pending)} rows failed, e.g. status "
-                           f"{status.code}: {status.message}")
-                pending = [row for row, _ in failed]
-                raise _Resend(message)
-
-        if pending:
-            self._with_backoff(send, f"write {len(pending)} rows")
-
-    def _send(self, rows: list[Any]) -> list[tuple[Any, Any]]:
-        """One mutate_rows call; returns the (row, status) pairs that failed transiently."""
-        from google.cloud.bigtable.table import DEFAULT_RETRY
-
-        c = self._config
-        statuses = self._table.mutate_rows(
-            rows, retry=DEFAULT_RETRY.with_deadline(c.call_budget_s),
-            timeout=c.attempt_timeout_s)
-        failed = [(row, st) for row, st in zip(rows, statuses, strict=True) if st.code != 0]
-        self._written.inc(len(rows) - len(failed))
-        permanent = [st for _, st in failed if st.code not in _TRANSIENT_CODES]
-        if permanent:
-            raise self._error(f"{len(permanent)} of {len(rows)} rows refused, status "
-                              f"{permanent[0].code}: {permanent[0].message}")
-        return failed
-
-    def _with_backoff(self, call: Callable[[], T], what: str) -> T:
-        c = self._config
-        started = time.monotonic()
-        delay = c.initial_backoff_s
-        attempt = 1
-        while True:
-            try:
-                return call()
-            except BigtableWriteError:
-                raise
-            except Exception as exc:
-                waited = time.monotonic() - started
-                if not _transient(exc):
-                    raise self._error(f"could not {what}: {exc!r}") from exc
-                if waited + delay > c.give_up_after_s:
-                    raise self._error(f"could not {what} after {attempt} attempts over "
-                                      f"{waited:.0f} s; last error: {exc!r}") from exc
-                self._retries.inc()
-                log.warning("Bigtable %s: %s, attempt %d failed (%r); retrying in ~%.1f s",
-                            c.path, what, attempt, exc, delay)
-                # Jitter keeps many workers from hammering a recovering server in step.
-                time.sleep(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, c.max_backoff_s)
-                attempt += 1
-
-    def _error(self, what: str) -> BigtableWriteError:
-        return BigtableWriteError(
-            f"Bigtable {self._config.path}: {what}. Check that the instance is reachable "
-            "(BIGTABLE_EMULATOR_HOST for the emulator) and that the job may write to it, "
-            "then re-run the same input: every write is an idempotent overwrite (cell "
-            "timestamp = revision), so nothing doubles. To ride out longer outages raise "
-            "give_up_after_s (WriteChangelogToBigtable).")
+    def process(self, row: Mapping[str, Any]) -> Iterable[Any]:
+        self._rows.inc()
+        yield to_direct_row(row)
 
 
 class WriteChangelogToBigtable(beam.PTransform):
     """Changelog row dicts -> one Bigtable row per (metric, granularity, dims, window).
 
     Skips retractions (sign -1); writes each +1 row with cell timestamps from its
-    revision, so the newest cell is the latest revision and replays are overwrites.
-    With ``create_table`` each worker creates the table when missing (``ensure_table``);
-    otherwise it must exist before the pipeline runs. Failed writes are resent with
-    exponential backoff for up to ``give_up_after_s`` (see the module docstring); the
-    keyword arguments are the fields of ``BigtableWriteConfig``.
+    revision through Beam's ``WriteToBigTable``, so the newest cell is the latest
+    revision and replays are overwrites. With ``create_table`` the step before the write
+    creates the table when missing (``ensure_table``, see ``_ToDirectRowFn``); otherwise
+    it must exist before the pipeline runs. ``flush_count`` is ``WriteToBigTable``'s:
+    mutations per request (one per cell, 11 per row), not rows; None keeps Beam's 1000.
+    Failures and retries: see the module docstring.
     """
 
-    def __init__(self, project: str, instance: str, table: str, **settings: Any):
+    def __init__(self, project: str, instance: str, table: str,
+                 flush_count: int | None = None, create_table: bool = False) -> None:
         super().__init__()
-        if settings.get("flush_count") is None:
-            settings.pop("flush_count", None)
-        self.config = BigtableWriteConfig(project, instance, table, **settings)
+        self.project, self.instance, self.table = project, instance, table
+        self.flush_count = flush_count
+        self.create_table = create_table
 
     def expand(self, rows):
+        from apache_beam.io.gcp.bigtableio import FLUSH_COUNT, WriteToBigTable
+
         return (
             rows
             | "SkipRetractions" >> beam.Filter(lambda r: int(r["sign"]) > 0)
-            | "WriteRows" >> beam.ParDo(_WriteRowsFn(self.config)))
+            | "ToDirectRows" >> beam.ParDo(_ToDirectRowFn(
+                self.project, self.instance, self.table, self.create_table))
+            | "WriteToBigTable" >> WriteToBigTable(
+                project_id=self.project, instance_id=self.instance, table_id=self.table,
+                flush_count=self.flush_count or FLUSH_COUNT))
+
+
+# What marks a run's failure as this sink's: a frame or type of the Bigtable client
+# (MutationsBatchError, google.cloud.bigtable.*) or Beam's writer DoFn. Matched in the
+# error's text because runners that run the SDK elsewhere (Prism, Dataflow) hand back the
+# worker's traceback as text, not the exception; the FnApiRunner raises a RuntimeError
+# whose __context__ is the client's error.
+_FAILURE_MARKERS = ("google.cloud.bigtable", "google/cloud/bigtable", "_BigTableWriteFn")
+
+
+def explain_failure(project: str, instance: str, table: str, error: BaseException
+                    ) -> str | None:
+    """What to do about a run that failed in this sink, or None when ``error`` is not
+    the sink's (see ``_FAILURE_MARKERS``)."""
+    if not any(m in "".join(traceback.format_exception(error)) for m in _FAILURE_MARKERS):
+        return None
+    return (f"the Bigtable sink failed on projects/{project}/instances/{instance}/tables/"
+            f"{table}: {_api_error(error)}. Check that the instance is reachable "
+            "(BIGTABLE_EMULATOR_HOST for the emulator, unset for a real instance), that "
+            "the table exists or the job may create it, and that the job may write to it; "
+            "then re-run the same input: every write is an idempotent overwrite (cell "
+            "timestamp = revision), so nothing doubles.")
+
+
+def _api_error(error: BaseException) -> str:
+    """The first Google API error (NotFound, DeadlineExceeded, ...) under ``error``: the
+    client's MutationsBatchError says only "Errors in batch mutations." and keeps the
+    real errors in ``.exc``; exception groups keep theirs in ``.exceptions``."""
+    from google.api_core import exceptions
+
+    seen: list[BaseException] = []
+    todo: list[Any] = [error]
+    while todo:
+        exc = todo.pop(0)
+        if not isinstance(exc, BaseException) or any(exc is s for s in seen):
+            continue
+        seen.append(exc)
+        if isinstance(exc, exceptions.GoogleAPIError):
+            return f"{type(exc).__name__}: {exc}"
+        nested = getattr(exc, "exc", None)
+        todo += [exc.__cause__, exc.__context__, *getattr(exc, "exceptions", ()),
+                 *(nested if isinstance(nested, list) else [nested])]
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _decoded(row: Any) -> dict[str, Any]:
