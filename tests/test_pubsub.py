@@ -8,8 +8,8 @@ stop it with SIGTERM, and check the reconciling summary it prints.
 
 The DirectRunner's Pub/Sub watermark follows the wall clock (DESIGN.md), so the dataset
 is generated for the day before yesterday (UTC): every window has ended before the first
-message (a window still open would wait for its on-time pane: early panes, on processing
-time, did not fire on this runner), a 4-day allowed lateness keeps them all open, and the
+message (so the test need not wait for windows to close; early panes of open windows have
+their own test at the end), a 4-day allowed lateness keeps them all open, and the
 generator's too-late events (the lateness + 2 to 3 days before their arrival) are
 dropped. The oracle drops the same events by the same rule, with the watermark at "now".
 """
@@ -231,3 +231,85 @@ def test_id_label_is_used_only_where_the_runner_supports_it() -> None:
     assert read_transform(FakeDataflowRunner())._source.id_label == "event_id"
     with pytest.raises(ValueError, match="subscription"):
         ReadEventMessages(f"projects/{PROJECT}/topics/t")
+
+
+def _live_event(n: int, now: datetime) -> tuple[bytes, dict[str, str]]:
+    """A valid page view happening now, as the publisher sends it (payload, attributes)."""
+    event = {"event_id": f"live-{n}", "event_type": "page_view",
+             "event_time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+             "device_id": f"d{n % 11}", "user_id": f"u{n % 11}", "platform": "web",
+             "properties": {"page": "/home"}}
+    return json.dumps(event).encode(), {"event_time": str(int(now.timestamp() * 1000))}
+
+
+def test_open_windows_get_early_panes_while_events_stream_in(
+        topic_and_subscription: tuple[str, str], tmp_path: Path) -> None:
+    """Dashboards fresh within minutes: events of the current hour, published while the
+    job runs, show up as EARLY panes (every --early_firing_s of processing time) long
+    before their windows end, and the panes add up to exactly what was published."""
+    from google.cloud import pubsub_v1
+
+    topic, subscription = topic_and_subscription
+    db = str(tmp_path / "live.duckdb")
+    to_midnight_s = 86400 - time.time() % 86400
+    if to_midnight_s < 180:  # keep the whole run inside one UTC day: one day window
+        time.sleep(to_midnight_s + 1)
+    job = subprocess.Popen(
+        clickstream("run", "--input_subscription", subscription, "--duckdb_path", db,
+                    "--timestamp_attribute", "event_time", "--early_firing_s", "3",
+                    "--max_run_s", "240"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    publisher = pubsub_v1.PublisherClient()
+    sent: list[datetime] = []
+    try:
+        # A steady trickle for 25 s: 10 events a second, each stamped with its send time.
+        first_sent = time.monotonic()
+        while time.monotonic() - first_sent < 25:
+            now = datetime.now(UTC)
+            futures = [publisher.publish(topic, payload, **attributes)
+                       for payload, attributes in (_live_event(len(sent) + i, now)
+                                                   for i in range(10))]
+            for future in futures:
+                future.result(timeout=30)
+            sent.extend([now] * 10)
+            time.sleep(1.0)
+        want = {}
+        for at in sent:
+            for granularity, size_ms in SIZES_MS.items():
+                start_ms = int(at.timestamp() * 1000) // size_ms * size_ms
+                key = (granularity, datetime.fromtimestamp(start_ms / 1000, UTC))
+                want[key] = want.get(key, 0) + 1
+        deadline = time.monotonic() + 90
+        latest: dict = {}
+        while time.monotonic() < deadline and job.poll() is None:
+            state = _sink_state(db)
+            if state is not None:
+                latest = {(k[2], datetime.fromisoformat(k[3])): v
+                          for k, v in state[0].items()
+                          if k[0] == "events" and k[1] == '{"event_type":"page_view"}'}
+                if latest == want:
+                    break
+            time.sleep(1.0)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=90)
+    finally:
+        publisher.stop()
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode == 0, err[-3000:]
+    assert latest == want, f"sink {latest} != published {want}; {err[-1500:]}"
+    assert changelog_mismatches(db) == []
+    panes = read_rows(db, "SELECT granularity, window_start, revision, value, timing "
+                          "FROM metric_changelog WHERE metric = 'events' AND sign = 1 "
+                          "ORDER BY granularity, window_start, revision")
+    day_panes = [p for p in panes if p[0] == "day"]
+    timings = {p[4] for p in day_panes}
+    # The day window is open for hours yet: every pane it got while events streamed in
+    # is an early one, and there were several, each with more events than the last.
+    assert timings == {"EARLY"}, day_panes
+    assert len(day_panes) >= 3, day_panes
+    values = [p[3] for p in day_panes]
+    assert values == sorted(values) and len(set(values)) == len(values), day_panes
+    print(f"{len(sent)} events over 25 s; day window: {len(day_panes)} EARLY panes, "
+          f"values {values}")
