@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms.combiners import CountCombineFn
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -224,6 +224,9 @@ class MergePartialsFn(beam.CombineFn):
         return self._fn.extract_output(acc)
 
 
+_STEP_NAMES = {"hour": "Hourly", "day": "Daily"}
+
+
 class ComputeMetrics(beam.PTransform):
     """Unique events (EventBatches) → MetricPanes of every metric, hourly and daily."""
 
@@ -238,7 +241,7 @@ class ComputeMetrics(beam.PTransform):
             PreAggregateFn(self._granularities, self._config)).with_outputs(
                 *self._granularities)
         return (
-            [partials[granularity] | f"{granularity.capitalize()}ly" >> CombinePartials(
+            [partials[granularity] | _STEP_NAMES[granularity] >> CombinePartials(
                 granularity, self._config) for granularity in self._granularities]
             | "AllGranularities" >> beam.Flatten())
 
@@ -275,7 +278,12 @@ class CombinePartials(beam.PTransform):
                     lambda kv: [(("funnel_step", dims, kv[0][2]), reached) for dims, reached
                                 in zip(funnel_dims_json, kv[1], strict=True)])
             outputs.append(values)
-        return (
+        panes = (
             outputs
             | "AllMetrics" >> beam.Flatten()
             | "ToMetricPane" >> beam.ParDo(ToMetricPaneFn(self._granularity, config.bounded)))
+        if config.bounded:
+            return panes
+        # A MetricPane names its window itself; out of the hour's or the day's windowing,
+        # the two granularities flatten into one PCollection of one windowing.
+        return panes | "ReleaseWindows" >> beam.WindowInto(GlobalWindows())
