@@ -27,7 +27,9 @@ class ClickstreamMetrics(beam.PTransform):
     benchmark another implementation; by default it is DeduplicateEvents. `archive`
     (e.g. WriteRawArchive) gets the unique events before any windowing, so events too
     late for their windows still land there; `too_late.hour` and `too_late.day` count
-    the events the windowing drops. `dead_letter_window_s`: identical dead payloads are
+    the events the windowing drops. `panes` (e.g. a test's collector) gets the
+    windowed MetricPanes with the runner's pane info, before the changelog stage
+    re-derives their timing. `dead_letter_window_s`: identical dead payloads are
     numbered per window of this many seconds, and written when the watermark passes it.
     """
 
@@ -35,7 +37,8 @@ class ClickstreamMetrics(beam.PTransform):
                  clock: Callable[[], float] = time.time,
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
-                 dead_letter_window_s: int = 60) -> None:
+                 dead_letter_window_s: int = 60,
+                 panes: beam.PTransform | None = None) -> None:
         super().__init__()
         self._dead_letter_window_s = dead_letter_window_s
         self._config = config
@@ -43,6 +46,7 @@ class ClickstreamMetrics(beam.PTransform):
         self._clock = clock
         self._dedup = dedup
         self._archive = archive
+        self._panes = panes
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
@@ -59,6 +63,8 @@ class ClickstreamMetrics(beam.PTransform):
             unique | "CountTooLate" >> CountTooLate(config.allowed_lateness_s)
             unique | "WatermarkLag" >> MeasureWatermarkLag()
         panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
+        if self._panes is not None:
+            panes | "Panes" >> self._panes
         changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
                                                              bounded=config.bounded)
         return changelog, dead_letters

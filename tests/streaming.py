@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 
 from pipeline.graph import ClickstreamMetrics
+from pipeline.job import counters_of
 from transforms.metrics import MetricsConfig
 
 DAY = datetime(2026, 11, 1, tzinfo=UTC)
@@ -32,7 +35,8 @@ def payload(event_id: str, t_s: float, event_type: str = "page_view",
 
 
 class Collect(beam.DoFn):
-    """Hands every element back to the test. The DirectRunner runs in this process;
+    """Hands every element back to the test. The DirectRunner runs in this process, and
+    so does Prism's LOOPBACK worker (in the process that submitted the job);
     assert_that is not used because its streaming GroupByKey missed the rows that
     event-time timers emit at the end of the stream."""
 
@@ -43,17 +47,49 @@ class Collect(beam.DoFn):
         _COLLECTED.setdefault(self._name, []).append(row)
 
 
-def run_stream(stream: TestStream, config: MetricsConfig | None = None
+def streaming_options(runner_args: Sequence[str] | None = None) -> PipelineOptions:
+    """Streaming options for `runner_args` (default: the BundleBasedDirectRunner, which
+    runs TestStream in this process; tests/prism_streams.py passes Prism's preset)."""
+    options = PipelineOptions(list(runner_args or ["--runner=BundleBasedDirectRunner"]))
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def run_stream(stream: TestStream, config: MetricsConfig | None = None,
+               runner_args: Sequence[str] | None = None
                ) -> tuple[list[dict], list[dict]]:
     """Runs the stream through the graph; returns (changelog rows, dead letters)."""
+    run = record_stream(stream, config, runner_args, panes=False)
+    return run["changelog"], run["dead"]
+
+
+class PaneSeen(beam.DoFn):
+    """A MetricPane with the pane info the runner attached, in arrival order."""
+
+    def process(self, pane: Any, info=beam.DoFn.PaneInfoParam) -> Iterable[dict]:
+        yield {"metric": pane.metric, "dims": pane.dims, "granularity": pane.granularity,
+               "window_start": pane.window_start, "value": pane.value,
+               "index": info.index, "timing": pane.runner_timing,
+               "is_first": info.is_first, "is_last": info.is_last,
+               "seen_at": time.monotonic()}
+
+
+def record_stream(stream: TestStream, config: MetricsConfig | None = None,
+                  runner_args: Sequence[str] | None = None, panes: bool = True
+                  ) -> dict[str, Any]:
+    """Runs the stream through the graph; returns its changelog rows, dead letters,
+    the runner's panes before the changelog stage (if `panes`, sorted by arrival) and
+    the job's clickstream counters."""
     config = config or MetricsConfig()
-    options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
-    options.view_as(StandardOptions).streaming = True
-    with beam.Pipeline(options=options) as p:
-        changelog, dead = p | stream | ClickstreamMetrics(replace(config, bounded=False))
+    tap = beam.ParDo(PaneSeen()) | beam.ParDo(Collect("panes")) if panes else None
+    with beam.Pipeline(options=streaming_options(runner_args)) as p:
+        changelog, dead = p | stream | ClickstreamMetrics(replace(config, bounded=False),
+                                                          panes=tap)
         changelog | "CollectChangelog" >> beam.ParDo(Collect("changelog"))
         dead | "CollectDead" >> beam.ParDo(Collect("dead"))
-    return _COLLECTED.pop("changelog", []), _COLLECTED.pop("dead", [])
+    return {"changelog": _COLLECTED.pop("changelog", []), "dead": _COLLECTED.pop("dead", []),
+            "panes": sorted(_COLLECTED.pop("panes", []), key=lambda r: r["seen_at"]),
+            "counters": counters_of(p.result)}
 
 
 def rows_for(changelog: list[dict], metric: str, granularity: str, window_start: float,

@@ -4,12 +4,14 @@ data does not fake a lag; an idle stream stops sampling."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
-from tests.streaming import _COLLECTED, Collect, at
+from tests.streaming import _COLLECTED, Collect, at, streaming_options
 from transforms.batching import EventBatch
 from transforms.events import Event
 from transforms.freshness import MeasureWatermarkLag
@@ -23,24 +25,29 @@ def batch(*minutes_after_ten: int) -> TimestampedValue:
     return TimestampedValue(events, min(e.event_time_ms for e in events) / 1000)
 
 
-def samples(stream: TestStream) -> list[tuple[float, float]]:
-    options = PipelineOptions(["--runner=BundleBasedDirectRunner"])
-    options.view_as(StandardOptions).streaming = True
-    with beam.Pipeline(options=options) as p:
+def samples(stream: TestStream, runner_args: Sequence[str] | None = None
+            ) -> list[tuple[float, float]]:
+    with beam.Pipeline(options=streaming_options(runner_args)) as p:
         (p | stream | MeasureWatermarkLag(period_s=600, clock=lambda: CLOCK_S)
          | beam.ParDo(Collect("lag")))
     return sorted((s.watermark_s, s.lag_s) for s in _COLLECTED.pop("lag", []))
 
 
+def lag_stream() -> TestStream:
+    return (TestStream()
+            .add_elements([batch(1, 7)])               # newest 10:07 → tick 10:10
+            .advance_watermark_to(at(10, 11))          # sample: 12:00 - 10:10
+            .add_elements([batch(3)])                  # late: behind the watermark
+            .add_elements([batch(25)])                 # newest 10:25 → tick 10:30
+            .advance_watermark_to(at(10, 31))          # sample: 12:00 - 10:30
+            .advance_watermark_to_infinity())          # no data since: no sample
+
+
+LAG_SAMPLES = [(at(10, 10), CLOCK_S - at(10, 10)), (at(10, 30), CLOCK_S - at(10, 30))]
+
+
 def test_lag_is_the_clock_minus_the_watermark_at_the_newest_event_time() -> None:
-    got = samples(TestStream()
-                  .add_elements([batch(1, 7)])               # newest 10:07 → tick 10:10
-                  .advance_watermark_to(at(10, 11))          # sample: 12:00 - 10:10
-                  .add_elements([batch(3)])                  # late: behind the watermark
-                  .add_elements([batch(25)])                 # newest 10:25 → tick 10:30
-                  .advance_watermark_to(at(10, 31))          # sample: 12:00 - 10:30
-                  .advance_watermark_to_infinity())          # no data since: no sample
-    assert got == [(at(10, 10), CLOCK_S - at(10, 10)), (at(10, 30), CLOCK_S - at(10, 30))]
+    assert samples(lag_stream()) == LAG_SAMPLES
 
 
 def test_the_job_reads_the_latest_lag_from_the_metrics() -> None:

@@ -49,15 +49,14 @@ def truth(record: dict) -> TruthEvent:
                       identity, feature, 0)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(streams())
-def test_latest_values_equal_the_oracle(case) -> None:
-    events, arrival, cuts, watermark_steps = case
+def stream_of(case) -> TestStream:
+    """The case's arrival order as a TestStream. The watermark only moves within the
+    allowed lateness of every event, so nothing is dropped and the oracle counts every
+    unique event."""
+    _, arrival, cuts, watermark_steps = case
     stream = TestStream()
     start = 0
     watermark = -1
-    # The watermark only moves within the allowed lateness of every event, so nothing
-    # is dropped and the oracle counts every unique event.
     for cut, step in zip([*cuts, len(arrival)], [*watermark_steps, 47], strict=False):
         chunk = arrival[start:cut]
         if chunk:
@@ -69,8 +68,11 @@ def test_latest_values_equal_the_oracle(case) -> None:
             stream = stream.advance_watermark_to(at(step))
             watermark = step
         start = cut
-    changelog, dead = run_stream(stream.advance_watermark_to_infinity(), CONFIG)
-    assert dead == []
+    return stream.advance_watermark_to_infinity()
+
+
+def latest_values(changelog: list[dict]) -> dict:
+    """The value of each key's highest revision, keyed as the oracle keys it."""
     latest: dict[tuple, tuple[int, int]] = {}
     for row in changelog:
         if row["sign"] > 0:
@@ -78,5 +80,17 @@ def test_latest_values_equal_the_oracle(case) -> None:
                    row["window_start"].astimezone(UTC).isoformat())
             if key not in latest or row["revision"] > latest[key][0]:
                 latest[key] = (row["revision"], row["value"])
-    got = {key: value for key, (_, value) in latest.items()}
-    assert got == expected_metrics([truth(e) for e in events], DEFAULT_FUNNEL)
+    return {key: value for key, (_, value) in latest.items()}
+
+
+def oracle_of(case) -> dict:
+    events = case[0]
+    return expected_metrics([truth(e) for e in events], DEFAULT_FUNNEL)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(streams())
+def test_latest_values_equal_the_oracle(case) -> None:
+    changelog, dead = run_stream(stream_of(case), CONFIG)
+    assert dead == []
+    assert latest_values(changelog) == oracle_of(case)
