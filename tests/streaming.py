@@ -64,13 +64,14 @@ def run_stream(stream: TestStream, config: MetricsConfig | None = None,
 
 
 class PaneSeen(beam.DoFn):
-    """A MetricPane with the pane info the runner attached, in arrival order."""
+    """A MetricPane with the pane index and timing the runner gave it, in arrival order
+    (read from the pane itself: ComputeMetrics releases the windows afterwards, and with
+    them the runner's pane info)."""
 
-    def process(self, pane: Any, info=beam.DoFn.PaneInfoParam) -> Iterable[dict]:
+    def process(self, pane: Any) -> Iterable[dict]:
         yield {"metric": pane.metric, "dims": pane.dims, "granularity": pane.granularity,
                "window_start": pane.window_start, "value": pane.value,
-               "index": info.index, "timing": pane.runner_timing,
-               "is_first": info.is_first, "is_last": info.is_last,
+               "index": pane.pane_index, "timing": pane.runner_timing,
                "seen_at": time.monotonic()}
 
 
