@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import apache_beam as beam
 import pytest
+from apache_beam.io.gcp.pubsub import parse_subscription
 from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
@@ -214,15 +215,26 @@ def test_regexes_reject_values_the_job_cannot_use(template):
         assert not full_match(params["input_files"], "/local/path/*.jsonl")
 
 
-def test_subscription_regex_accepts_what_the_pubsub_source_accepts():
+def _job_accepts_subscription(value: str) -> bool:
+    """What the job itself accepts: the graph's source and Beam's ReadFromPubSub."""
+    try:
+        parse_subscription(value)
+    except ValueError:
+        return False
+    return bool(SUBSCRIPTION_PATH.match(value))
+
+
+def test_subscription_regex_accepts_only_what_the_pubsub_source_accepts():
     param = parameters(STREAMING)["input_subscription"]
     assert param["paramType"] == "PUBSUB_SUBSCRIPTION"
-    for value in ("projects/your-project/subscriptions/clickstream-events",
-                  "projects/example.com:proj/subscriptions/s", "projects/p/topics/t",
-                  "projects/p/subscriptions/", "projects/p/subscriptions/a/b",
-                  "clickstream-events", ""):
-        assert full_match(param, value) is bool(SUBSCRIPTION_PATH.match(value)), value
-    assert not full_match(param, "")  # required: the streaming template's input
+    for good in ("projects/your-project/subscriptions/clickstream-events",
+                 "projects/example.com:your-project/subscriptions/events.v2"):
+        assert full_match(param, good) and _job_accepts_subscription(good), good
+    for bad in ("projects/p/subscriptions/s",  # Beam: project ids have 6-63 characters
+                "projects/your-project/topics/events", "projects/your-project/subscriptions/",
+                "projects/your-project/subscriptions/a/b", "clickstream-events", ""):
+        # Refused at launch, not minutes later when the launcher builds the graph.
+        assert not full_match(param, bad) and not _job_accepts_subscription(bad), bad
 
 
 # --- (b) every default validates against its metadata regex --------------------------------
