@@ -27,7 +27,8 @@ def _run(argv: Sequence[str]) -> int:
 
     summary = run(argv)
     print(summary.render())
-    print_report(_duckdb_path(argv))
+    if _duckdb_path(argv):  # empty: no DuckDB sink, nothing local to report from
+        print_report(_duckdb_path(argv))
     return 0 if summary.reconciles else 1
 
 

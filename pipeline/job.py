@@ -1,4 +1,5 @@
-"""Build and run the bounded job: files → ClickstreamMetrics → DuckDB, with a summary."""
+"""Build and run the job: files (bounded) or Pub/Sub (streaming) → ClickstreamMetrics →
+the sinks, with a summary."""
 
 from __future__ import annotations
 
@@ -145,23 +146,50 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
-def read_payloads(p: beam.Pipeline, options: ClickstreamOptions
-                  ) -> tuple[beam.PCollection, bool]:
-    """The source the flags choose: (raw payloads, whether they are bounded)."""
+def is_streaming(options: ClickstreamOptions) -> bool:
+    """Whether the source flags ask for a streaming job (--input_subscription) or a
+    bounded one (--input_files); exactly one of the two must be given."""
     if options.input_subscription:
         if options.input_files:
             raise SystemExit("give --input_files (bounded) or --input_subscription "
                              "(streaming), not both")
+        return True
+    if not options.input_files:
+        raise SystemExit("--input_files is required for a bounded run "
+                         "(generate some with: clickstream generate --out DIR), or give "
+                         "--input_subscription for a streaming one")
+    return False
+
+
+def select_mode(options: PipelineOptions) -> bool:
+    """Set ``--streaming`` from the source flags and return it: True for
+    --input_subscription, False for --input_files (both or neither: SystemExit).
+
+    A streaming job without ``--runner`` gets the BundleBasedDirectRunner: the
+    DirectRunner would first try to download Prism (DESIGN.md) and then fall back to that
+    runner for a streaming job anyway. ``clickstream run`` and the flex template launcher
+    both start here, so a launched job is set up as ``clickstream run`` sets it up; what
+    depends on the runner (id_label only where honoured, the late trigger on the
+    DirectRunner) is decided inside ``build``.
+    """
+    streaming = is_streaming(options.view_as(ClickstreamOptions))
+    standard = options.view_as(StandardOptions)
+    standard.streaming = streaming
+    if streaming and not standard.runner:
+        standard.runner = "BundleBasedDirectRunner"
+    return streaming
+
+
+def read_payloads(p: beam.Pipeline, options: ClickstreamOptions
+                  ) -> tuple[beam.PCollection, bool]:
+    """The source the flags choose: (raw payloads, whether they are bounded)."""
+    if is_streaming(options):
         payloads = (p
                     | "ReadMessages" >> ReadEventMessages(
                         options.input_subscription, options.timestamp_attribute,
                         options.id_label)
                     | "Progress" >> LogProgress("messages read", every=10_000))
         return payloads, False
-    if not options.input_files:
-        raise SystemExit("--input_files is required for a bounded run "
-                         "(generate some with: clickstream generate --out DIR), or give "
-                         "--input_subscription for a streaming one")
     # The file reader logs progress itself (no pass-through step per record).
     return p | "ReadFiles" >> ReadEventFiles(options.input_files), True
 
@@ -200,9 +228,8 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
 
 def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     options = PipelineOptions(list(argv))
-    if options.view_as(ClickstreamOptions).input_subscription:
+    if select_mode(options):
         return run_streaming(options, progress_every_s)
-    options.view_as(StandardOptions).streaming = False
     clickstream = options.view_as(ClickstreamOptions)
     started = time.monotonic()
     p = beam.Pipeline(options=options)
@@ -244,12 +271,8 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
     """Run the streaming job until Ctrl-C, SIGTERM, --max_run_s or `stop`; then cancel it
     and summarize. A streaming pipeline never finishes by itself, so stopping is the
     normal end of a run, not an error."""
-    standard = options.view_as(StandardOptions)
-    standard.streaming = True
-    if not standard.runner:
-        # The DirectRunner would first try to download Prism (DESIGN.md) and then fall
-        # back to this runner for a streaming job anyway.
-        standard.runner = "BundleBasedDirectRunner"
+    if not select_mode(options):
+        raise SystemExit("a streaming run reads --input_subscription")
     clickstream = options.view_as(ClickstreamOptions)
     stop = stop or threading.Event()
     reason: list[str] = []

@@ -59,7 +59,9 @@ class ClickstreamOptions(PipelineOptions):
                            help="Glob of newline-delimited JSON event files (bounded run).")
         group.add_argument("--duckdb_path", default="clickstream.duckdb",
                            help="DuckDB file that receives metric_changelog, "
-                                "metric_latest and dead_letter.")
+                                "metric_latest and dead_letter (empty: no DuckDB sink, "
+                                "as the streaming flex template sets on Dataflow, where "
+                                "the file would be on each worker's disk).")
         group.add_argument("--distinct", choices=("exact", "hll"), default="exact",
                            help="Distinct users: exact sets, or HLL sketches "
                                 "(Apache DataSketches) for bounded state.")
@@ -169,8 +171,10 @@ class ClickstreamOptions(PipelineOptions):
         dead-letter rows) to it, and how to read back what it holds (finalize corrects
         each store against its own rows). ``bigquery_test_client``: tests only (Beam's
         WriteToBigQuery has no endpoint option; see transforms/sink_bigquery.py)."""
-        stores = {"WriteDuckDB": Store(WriteToDuckDB(self.duckdb_path),
-                                       functools.partial(read_latest_rows, self.duckdb_path))}
+        stores: dict[str, Store] = {}
+        if self.duckdb_path:
+            stores["WriteDuckDB"] = Store(WriteToDuckDB(self.duckdb_path),
+                                          functools.partial(read_latest_rows, self.duckdb_path))
         bigtable = self.bigtable_target()
         if bigtable is not None:
             stores["WriteBigtable"] = Store(
@@ -184,6 +188,11 @@ class ClickstreamOptions(PipelineOptions):
                 functools.partial(read_latest_rows_from_bigquery, *bigquery,
                                   client=bigquery_test_client))
         return stores
+
+    def durable_stores(self) -> list[str]:
+        """The configured stores that live outside the job's machines (BigQuery,
+        Bigtable), by step label: what a job on managed workers must write to."""
+        return [label for label in self.stores() if label != "WriteDuckDB"]
 
     def sinks(self, bigquery_test_client: Any = None) -> dict[str, beam.PTransform]:
         """Every store's writer, by step label. The bounded, streaming and finalize jobs

@@ -15,23 +15,67 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
 
 import apache_beam as beam
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions, WorkerOptions
+from apache_beam.io.gcp.pubsub import parse_subscription
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+    WorkerOptions,
+)
 from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
 
-from pipeline.job import build
+from pipeline.job import build, select_mode
 from pipeline.options import ClickstreamOptions
+from transforms.sources import _SUBSCRIPTION as SUBSCRIPTION_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
-METADATA = TEMPLATES / "metadata.json"
 DOCKERFILE = TEMPLATES / "Dockerfile"
 LAUNCHER = TEMPLATES / "launcher.py"
+
+
+@dataclass(frozen=True)
+class Template:
+    """One flex template: its metadata file, its mode, the parameter that selects the
+    mode (the launcher streams when given input_subscription), and the options of
+    ClickstreamOptions it deliberately does not offer, each with the reason."""
+
+    metadata: Path
+    streaming: bool
+    input: str
+    left_out: Mapping[str, str]
+
+    def __str__(self) -> str:
+        return self.metadata.name
+
+
+# One template per mode, as Google's own templates do. Everything ClickstreamOptions
+# declares is a parameter of a template unless listed here.
+BOUNDED = Template(TEMPLATES / "metadata.json", streaming=False, input="input_files",
+                   left_out={
+    "input_subscription": "the streaming template's input",
+    "timestamp_attribute": "a Pub/Sub message attribute",
+    "id_label": "a Pub/Sub message attribute",
+    "early_firing_s": "a bounded job emits one on-time pane per window",
+    "late_firing_s": "a bounded job emits one on-time pane per window",
+    "max_run_s": "`clickstream run` cancels itself; the launcher returns at submission",
+})
+STREAMING = Template(TEMPLATES / "metadata-streaming.json", streaming=True,
+                     input="input_subscription", left_out={
+    "input_files": "the bounded template's input",
+    "duckdb_path": "a file on each worker's disk; the launcher turns DuckDB off there",
+    "max_run_s": "`clickstream run` cancels itself; the launcher returns at submission",
+})
+ALL_TEMPLATES = [BOUNDED, STREAMING]
+each_template = pytest.mark.parametrize("template", ALL_TEMPLATES, ids=str)
 
 # Fields of Dataflow's TemplateMetadata / ParameterMetadata (API v1b3): a misspelt key
 # (e.g. "isOptonal") is carried into the spec by gcloud and silently ignored by Dataflow.
@@ -49,12 +93,12 @@ def clickstream_actions() -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions}
 
 
-def metadata() -> dict:
-    return json.loads(METADATA.read_text())
+def metadata(template: Template) -> dict:
+    return json.loads(template.metadata.read_text())
 
 
-def parameters() -> dict[str, dict]:
-    return {param["name"]: param for param in metadata()["parameters"]}
+def parameters(template: Template) -> dict[str, dict]:
+    return {param["name"]: param for param in metadata(template)["parameters"]}
 
 
 def full_match(param: dict, value: str) -> bool:
@@ -69,29 +113,49 @@ def load_launcher() -> ModuleType:
     return module
 
 
-# --- (a) metadata.json and ClickstreamOptions agree ---------------------------------------
+# --- (a) each metadata file and ClickstreamOptions agree -----------------------------------
 
-def test_metadata_parameters_are_exactly_the_clickstream_options():
+@each_template
+def test_metadata_parameters_are_exactly_the_clickstream_options(template):
     actions = clickstream_actions()
-    params = parameters()
-    assert len(params) == len(metadata()["parameters"]), "duplicate parameter names"
+    params = parameters(template)
+    assert len(params) == len(metadata(template)["parameters"]), "duplicate parameter names"
+    assert set(template.left_out) <= set(actions), "left out options the job does not have"
+    assert template.input in params and template.input not in template.left_out
     assert set(params) - set(actions) == set(), "metadata parameters the job does not parse"
-    assert set(actions) - set(params) == set(), "options missing from metadata.json"
-    for name, action in actions.items():
+    assert set(actions) - set(template.left_out) - set(params) == set(), (
+        f"options missing from {template}")
+    assert set(params) & set(template.left_out) == set(), "offered and left out"
+    for name in params:
         # The flex launcher passes each parameter as --name=value.
-        assert f"--{name}" in action.option_strings
+        assert f"--{name}" in actions[name].option_strings
 
 
-def test_metadata_uses_dataflow_fields_only():
-    meta = metadata()
+def test_only_max_run_s_is_left_out_of_both_templates():
+    # The launcher returns once the job is submitted, so nothing would apply it.
+    assert set(BOUNDED.left_out) & set(STREAMING.left_out) == {"max_run_s"}
+
+
+def test_parameters_of_both_templates_take_the_same_values():
+    bounded, streaming = parameters(BOUNDED), parameters(STREAMING)
+    for name in set(bounded) & set(streaming):
+        assert bounded[name]["regexes"] == streaming[name]["regexes"], name
+        assert bounded[name]["isOptional"] == streaming[name]["isOptional"], name
+
+
+@each_template
+def test_metadata_uses_dataflow_fields_only(template):
+    meta = metadata(template)
     assert set(meta) <= TEMPLATE_KEYS
     assert meta["name"] and meta["description"]
-    # The graph reads files only: a bounded template. Dataflow's flags for a streaming
-    # template: exactly-once counting is the design; at-least-once would double count.
-    assert meta["streaming"] is False
+    assert meta["streaming"] is template.streaming
+    # Exactly-once counting is the design: in at-least-once mode Dataflow may hand a
+    # redelivered record to the dedup and changelog state again, which double counts.
     assert meta["supportsExactlyOnce"] is True
     assert meta["supportsAtLeastOnce"] is False
     assert "defaultStreamingMode" not in meta  # only valid when both modes are supported
+    if template.streaming:
+        assert "at-least-once" in meta["description"] and "twice" in meta["description"]
     for param in meta["parameters"]:
         assert set(param) <= PARAMETER_KEYS, param["name"]
         assert param["label"].strip() and param["helpText"].strip(), param["name"]
@@ -101,15 +165,29 @@ def test_metadata_uses_dataflow_fields_only():
             re.compile(regex)
 
 
-def test_required_parameters_are_the_options_without_default():
+def test_templates_describe_each_other_not_a_missing_mode():
+    assert "metadata-streaming.json" in metadata(BOUNDED)["description"]
+    assert "metadata.json" in metadata(STREAMING)["description"]
+    assert "no streaming template" not in metadata(BOUNDED)["description"]
+
+
+@each_template
+def test_required_parameters_are_the_input_and_the_options_without_default(template):
     actions = clickstream_actions()
-    for name, param in parameters().items():
-        assert param["isOptional"] is (actions[name].default is not None), name
+    for name, param in parameters(template).items():
+        # Optional options default to a value or to "" (off); only the input that picks
+        # the template's mode is required (input_files has no default; input_subscription
+        # defaults to "" because `clickstream run` reads files without it).
+        assert param["isOptional"] is (name != template.input), name
+        if name != template.input:
+            assert actions[name].default is not None, name
 
 
-def test_regexes_follow_the_option_types():
-    for name, action in clickstream_actions().items():
-        param = parameters()[name]
+@each_template
+def test_regexes_follow_the_option_types(template):
+    actions = clickstream_actions()
+    for name, param in parameters(template).items():
+        action = actions[name]
         if action.choices:
             assert param.get("regexes"), name
             for choice in action.choices:
@@ -121,32 +199,58 @@ def test_regexes_follow_the_option_types():
                 assert not full_match(param, bad), (name, bad)
 
 
-def test_regexes_reject_values_the_job_cannot_use():
-    params = parameters()
+@each_template
+def test_regexes_reject_values_the_job_cannot_use(template):
+    params = parameters(template)
     assert not full_match(params["hll_lg_k"], "3")  # DataSketches HLL: 4 <= lg_k <= 21
     assert not full_match(params["hll_lg_k"], "22")
     assert full_match(params["hll_lg_k"], "21")
     assert not full_match(params["dedup_buckets"], "0")
     assert not full_match(params["funnel_steps"], "page_view,,purchase")
     assert not full_match(params["funnel_steps"], "Page View")
-    assert full_match(params["input_files"], "gs://bucket/day=2026-11-01/*.jsonl")
-    assert not full_match(params["input_files"], "/local/path/*.jsonl")  # not on workers
+    assert full_match(params["archive_path"], "gs://bucket/clickstream/archive")
+    assert not full_match(params["archive_path"], "/local/archive")  # not on workers
+    if "input_files" in params:
+        assert full_match(params["input_files"], "gs://bucket/day=2026-11-01/*.jsonl")
+        assert not full_match(params["input_files"], "/local/path/*.jsonl")
+
+
+def _job_accepts_subscription(value: str) -> bool:
+    """What the job itself accepts: the graph's source and Beam's ReadFromPubSub."""
+    try:
+        parse_subscription(value)
+    except ValueError:
+        return False
+    return bool(SUBSCRIPTION_PATH.match(value))
+
+
+def test_subscription_regex_accepts_only_what_the_pubsub_source_accepts():
+    param = parameters(STREAMING)["input_subscription"]
+    assert param["paramType"] == "PUBSUB_SUBSCRIPTION"
+    for good in ("projects/your-project/subscriptions/clickstream-events",
+                 "projects/example.com:your-project/subscriptions/events.v2"):
+        assert full_match(param, good) and _job_accepts_subscription(good), good
+    for bad in ("projects/p/subscriptions/s",  # Beam: project ids have 6-63 characters
+                "projects/your-project/topics/events", "projects/your-project/subscriptions/",
+                "projects/your-project/subscriptions/a/b", "clickstream-events", ""):
+        # Refused at launch, not minutes later when the launcher builds the graph.
+        assert not full_match(param, bad) and not _job_accepts_subscription(bad), bad
 
 
 # --- (b) every default validates against its metadata regex --------------------------------
 
-def test_each_option_default_validates_against_its_metadata_regexes():
-    checked = 0
-    for name, action in clickstream_actions().items():
-        if action.default is None:
-            continue
-        param = parameters()[name]
-        assert full_match(param, str(action.default)), (name, action.default)
+@each_template
+def test_each_option_default_validates_against_its_metadata_regexes(template):
+    actions = clickstream_actions()
+    params = parameters(template)
+    for name, param in params.items():
+        if name == template.input:
+            continue  # required: its default (None or "") is never what the job gets
+        default = actions[name].default
+        assert full_match(param, str(default)), (name, default)
         # And the value the launcher would get back parses to the same default.
-        parsed = PipelineOptions([f"--{name}={action.default}"]).view_as(ClickstreamOptions)
-        assert getattr(parsed, name) == action.default, name
-        checked += 1
-    assert checked == len(clickstream_actions()) - 1  # all but input_files
+        parsed = PipelineOptions([f"--{name}={default}"]).view_as(ClickstreamOptions)
+        assert getattr(parsed, name) == default, name
 
 
 # --- (c) the launcher submits and returns: a fake stands in for Dataflow -------------------
@@ -250,11 +354,125 @@ def test_launcher_refuses_a_dataflow_job_whose_workers_lack_the_package(
     assert fake_dataflow == []
 
 
-def test_launcher_refuses_streaming_until_a_pubsub_source_exists(fake_dataflow, events_file):
-    with pytest.raises(SystemExit, match="Pub/Sub"):
-        load_launcher().launch([f"--runner={FAKE_RUNNER}", f"--input_files={events_file}",
-                                "--setup_file=setup.py", "--streaming"])
-    assert fake_dataflow == []
+SUBSCRIPTION = "projects/your-project/subscriptions/clickstream-events"
+DURABLE_SINKS = ["--bigquery_project=your-project", "--bigquery_dataset=clickstream",
+                 "--bigtable_project=your-project", "--bigtable_instance=serving",
+                 "--bigtable_table=metric_latest"]
+
+
+def _streaming_argv(*extra: str) -> list[str]:
+    """What Dataflow would pass the launcher for the streaming template (the runner is a
+    fake standing in for DataflowRunner)."""
+    return [f"--runner={FAKE_RUNNER}", f"--input_subscription={SUBSCRIPTION}",
+            "--timestamp_attribute=event_time", "--id_label=event_id",
+            "--sdk_container_image=example/clickstream:test", "--distinct=hll",
+            "--early_firing_s=30", "--late_firing_s=120", *extra]
+
+
+def _transforms(pipeline: beam.Pipeline) -> dict[str, beam.PTransform]:
+    found: dict[str, beam.PTransform] = {}
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def enter_composite_transform(self, node):
+            found[node.full_label] = node.transform
+
+        def visit_transform(self, node):
+            found[node.full_label] = node.transform
+
+    pipeline.visit(Visitor())
+    return found
+
+
+def test_streaming_launcher_returns_after_submitting_to_a_fake_standing_in_for_dataflow(
+        fake_dataflow):
+    argv = _streaming_argv(*DURABLE_SINKS)
+
+    assert load_launcher().main(argv) == 0  # returned: it did not block on the job
+
+    assert len(fake_dataflow) == 1, "the launcher must submit exactly one job"
+    pipeline, options, result = fake_dataflow[0]
+    assert result.state == PipelineState.RUNNING
+    assert not result.waited, "the launcher called wait_until_finish()"
+    assert options.view_as(StandardOptions).streaming is True
+    assert "streaming_mode_exactly_once" in options.view_as(
+        GoogleCloudOptions).dataflow_service_options
+    clickstream = options.view_as(ClickstreamOptions)
+    assert clickstream.input_subscription == SUBSCRIPTION
+    assert clickstream.duckdb_path == ""  # no DuckDB file on the workers' disks
+
+    labels = set(_labels(pipeline))
+    assert {"ReadMessages", "ReadMessages/ReadPubSub", "Clickstream", "WriteBigQuery",
+            "WriteBigtable"} <= labels
+    assert not {"ReadFiles", "WriteDuckDB"} & labels
+    # The same graph as `clickstream run --input_subscription ... --duckdb_path ''`
+    # (pipeline.job.select_mode + build), not a copy of it.
+    reference_options = PipelineOptions([*argv, "--duckdb_path="])
+    assert select_mode(reference_options) is True
+    reference = beam.Pipeline(options=reference_options)
+    build(reference, reference_options.view_as(ClickstreamOptions))
+    assert _labels(pipeline) == _labels(reference)
+
+    transforms = _transforms(pipeline)
+    # Dataflow honours id_label (the DirectRunner would raise), so build() keeps it ...
+    pubsub = transforms["ReadMessages/ReadPubSub"]
+    assert (pubsub._source.full_subscription, pubsub._source.id_label,
+            pubsub._source.timestamp_attribute) == (SUBSCRIPTION, "event_id", "event_time")
+    # ... and the processing-time late trigger (forced to 0 only on the DirectRunner).
+    config = transforms["Clickstream"]._config
+    assert (config.early_firing_s, config.late_firing_s, config.distinct) == (30, 120, "hll")
+
+
+def test_streaming_launcher_writes_bigquery_alone_or_bigtable_alone(fake_dataflow):
+    launcher = load_launcher()
+    launcher.launch(_streaming_argv(*DURABLE_SINKS[:2]))
+    launcher.launch(_streaming_argv(*DURABLE_SINKS[2:]))
+    (bigquery_only, _, _), (bigtable_only, _, _) = fake_dataflow
+    assert {"WriteBigQuery"} == {"WriteBigQuery", "WriteBigtable", "WriteDuckDB"} & set(
+        _labels(bigquery_only))
+    assert {"WriteBigtable"} == {"WriteBigQuery", "WriteBigtable", "WriteDuckDB"} & set(
+        _labels(bigtable_only))
+
+
+def test_select_mode_is_what_clickstream_run_and_the_launcher_share(events_file):
+    streaming = PipelineOptions([f"--input_subscription={SUBSCRIPTION}"])
+    assert select_mode(streaming) is True
+    assert streaming.view_as(StandardOptions).streaming is True
+    assert streaming.view_as(StandardOptions).runner == "BundleBasedDirectRunner"
+    bounded = PipelineOptions([f"--input_files={events_file}", "--streaming"])
+    assert select_mode(bounded) is False
+    assert bounded.view_as(StandardOptions).streaming is False
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    pytest.param(_streaming_argv(), r"outlives its workers: give bigquery_dataset",
+                 id="streaming-without-a-sink-that-outlives-the-workers"),
+    pytest.param(_streaming_argv("--duckdb_path=/tmp/x.duckdb"), r"outlives its workers",
+                 id="duckdb-is-not-such-a-sink"),
+    pytest.param(_streaming_argv(*DURABLE_SINKS,
+                                 "--dataflow_service_options=streaming_mode_at_least_once"),
+                 r"count it twice", id="at-least-once-service-option"),
+    pytest.param(_streaming_argv(*DURABLE_SINKS,
+                                 "--experiments=streaming_mode_at_least_once"),
+                 r"count it twice", id="at-least-once-experiment"),
+    pytest.param(_streaming_argv(*DURABLE_SINKS, "--input_files=gs://b/*.jsonl"),
+                 r"both input_files and input_subscription", id="both-inputs"),
+    pytest.param([f"--runner={FAKE_RUNNER}", "--setup_file=setup.py", *DURABLE_SINKS],
+                 r"neither input_files nor input_subscription",
+                 id="neither-input"),
+    pytest.param([f"--runner={FAKE_RUNNER}", "--input_files=gs://b/*.jsonl",
+                  "--setup_file=setup.py", "--streaming"],
+                 r"--streaming with input_files.*input_subscription",
+                 id="streaming-flag-with-files"),
+    pytest.param([f"--runner={FAKE_RUNNER}", f"--input_subscription={SUBSCRIPTION}",
+                  *DURABLE_SINKS], r"sdk_container_image", id="workers-lack-the-package"),
+    pytest.param(_streaming_argv("--bigtable_project=your-project"),
+                 r"go together", id="half-a-bigtable-sink"),
+])
+def test_launcher_refusals_with_a_fake_standing_in_for_dataflow(fake_dataflow, argv,
+                                                                message):
+    with pytest.raises(SystemExit, match=message):
+        load_launcher().launch(argv)
+    assert fake_dataflow == [], "a refused launch must submit nothing"
 
 
 # --- (d) the Dockerfile references files that exist ---------------------------------------
@@ -386,7 +604,8 @@ def test_dockerfile_base_images_are_pinned_and_match_the_lock():
 
 # --- gcloud turns metadata.json into a template spec (print only, no upload) ---------------
 
-def test_gcloud_accepts_the_metadata_file(tmp_path):
+@each_template
+def test_gcloud_accepts_the_metadata_file(tmp_path, template):
     # The Google Cloud CLI is on the project's machines (the emulator tests need it too);
     # without it this fails rather than skips.
     assert shutil.which("gcloud"), "install the Google Cloud CLI (gcloud) to run this test"
@@ -395,11 +614,11 @@ def test_gcloud_accepts_the_metadata_file(tmp_path):
     out = subprocess.run(
         ["gcloud", "dataflow", "flex-template", "build", "gs://example-bucket/t.json",
          "--image=example-docker.example/project/clickstream:test",
-         "--sdk-language=PYTHON", f"--metadata-file={METADATA}", "--print-only",
+         "--sdk-language=PYTHON", f"--metadata-file={template.metadata}", "--print-only",
          "--format=json"],
         env=env, capture_output=True, text=True, timeout=120, check=True)
     spec = json.loads(json.loads(out.stdout))
     assert spec["sdkInfo"]["language"] == "PYTHON"
-    assert spec["metadata"]["name"] == metadata()["name"]
+    assert spec["metadata"]["name"] == metadata(template)["name"]
     assert [p["name"] for p in spec["metadata"]["parameters"]] == [
-        p["name"] for p in metadata()["parameters"]]
+        p["name"] for p in metadata(template)["parameters"]]
