@@ -111,6 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               "Run `clickstream run --help` for every pipeline option.")
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("run", "replay", "finalize"):
+        # FlinkRunner: use the cached job server jar, or refuse with what to fetch, before
+        # Beam tries to download it; importing runners.flink also declares the Flink
+        # checkpointing options so they reach the job server.
+        from runners.flink import JobServerJarMissing, resolve_job_server_jar
+
+        try:
+            rest = resolve_job_server_jar(rest)
+        except JobServerJarMissing as exc:
+            print(f"clickstream {command}: {exc}", file=sys.stderr)
+            return 2
     if command == "generate":
         from pipeline.generator import GeneratorConfig
 

@@ -92,6 +92,64 @@ def job_server_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
     return JAR_DIR / f"beam-runners-flink-{flink_version}-job-server-{BEAM_VERSION}.jar"
 
 
+def job_server_jar_path(flink_version: str | None = None) -> Path:
+    """The job server jar to use: $FLINK_JOB_SERVER_JAR, else the cached one."""
+    env = os.environ.get("FLINK_JOB_SERVER_JAR")
+    if env:
+        return Path(env)
+    return job_server_jar(flink_version or os.environ.get("FLINK_VERSION")
+                          or DEFAULT_FLINK_VERSION)
+
+
+def job_server_artifact(flink_version: str = DEFAULT_FLINK_VERSION) -> str:
+    """Maven coordinates of the job server jar for this Beam and Flink version."""
+    return f"org.apache.beam:beam-runners-flink-{flink_version}-job-server:{BEAM_VERSION}"
+
+
+class JobServerJarMissing(RuntimeError):
+    """FlinkRunner was asked for, and Beam's Flink job server jar is not here."""
+
+
+def resolve_job_server_jar(argv: list[str]) -> list[str]:
+    """Check a FlinkRunner command line before Beam sees it; return the argv to use.
+
+    Beam's FlinkRunner, given no ``--flink_job_server_jar``, downloads the jar from
+    Maven Central at run time (and fails late, with a 404 or a network error, where that
+    is unreachable). Here: another runner, ``--job_endpoint`` (a job server already
+    running) or an existing/URL jar pass unchanged; no jar but a cached one adds
+    ``--flink_job_server_jar=<cache>``; no jar at all raises JobServerJarMissing naming
+    the artifact and scripts/fetch_flink_jobserver.
+    """
+    from apache_beam.options.pipeline_options import (
+        FlinkRunnerOptions,
+        PortableOptions,
+        StandardOptions,
+    )
+
+    options = PipelineOptions(list(argv))
+    runner = str(options.view_as(StandardOptions).runner or "")
+    if runner.strip().lower() not in ("flink", "flinkrunner"):
+        return list(argv)
+    if options.view_as(PortableOptions).job_endpoint:
+        return list(argv)
+    flink = options.view_as(FlinkRunnerOptions)
+    version = str(flink.flink_version or DEFAULT_FLINK_VERSION)
+    given = flink.flink_job_server_jar
+    if given and ("://" in given or Path(given).is_file()):
+        return list(argv)
+    cached = job_server_jar_path(version)
+    if not given and cached.is_file():
+        return [*argv, f"--flink_job_server_jar={cached}"]
+    where = f"--flink_job_server_jar={given} does not exist" if given else (
+        f"it is not in {cached}")
+    raise JobServerJarMissing(
+        f"FlinkRunner needs Beam's Flink job server jar {job_server_artifact(version)} and "
+        f"{where}. Fetch it with `FLINK_VERSION={version} scripts/fetch_flink_jobserver` "
+        "(Maven; prints the jar's path), or pass --flink_job_server_jar=PATH, or "
+        "--job_endpoint=HOST:PORT of a running Flink job server. (Without it Beam would "
+        "try to download the jar from Maven Central at run time.)")
+
+
 def preset_args(**overrides: object) -> list[str]:
     """Flink runner args; see ``runners.preset_args`` for override rules."""
     flink_version = str(
@@ -99,7 +157,7 @@ def preset_args(**overrides: object) -> list[str]:
         or os.environ.get("FLINK_VERSION")
         or DEFAULT_FLINK_VERSION
     )
-    jar = os.environ.get("FLINK_JOB_SERVER_JAR") or str(job_server_jar(flink_version))
+    jar = str(job_server_jar_path(flink_version))
     checkpoint_dir = JAR_DIR.parent / "flink-checkpoints"
     defaults: dict[str, OptionValue] = {
         "runner": "FlinkRunner",
