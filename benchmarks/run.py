@@ -497,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "publish rate (benchmarks/streaming.py); --sizes and --profile do not apply.")
     stream.add_argument("--streaming", action="store_true",
                         help="Run the streaming lag benchmark instead of the bounded one.")
-    stream.add_argument("--rates", nargs="+", type=float, default=[20.0, 50.0, 100.0],
+    stream.add_argument("--rates", nargs="+", type=float, default=[20.0, 100.0, 300.0],
                         help="Publish rates, messages/s (duplicates included).")
     stream.add_argument("--duration-s", type=float, default=60.0,
                         help="Seconds of steady publishing per run.")

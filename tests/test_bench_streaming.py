@@ -52,6 +52,13 @@ def test_sink_rate_is_the_slope_inside_the_interval() -> None:
     assert sink_rate(samples, 25.0, 30.0) is None  # one sample: no slope
 
 
+def test_sink_rate_of_a_stepping_count_is_its_average_pace() -> None:
+    # A pane every 5 s brings 50 events: 10 events/s, sampled every second. The end
+    # samples alone would say 45/29 or 50/29 per second depending on the phase.
+    samples = [(float(t), (t // 5) * 50) for t in range(0, 60)]
+    assert abs(sink_rate(samples, 0.0, 59.0) - 10.0) < 0.3
+
+
 def test_expected_windows_count_each_unique_event_in_its_hour_and_day() -> None:
     hour, day = 3_600_000, 86_400_000
     want = expected_windows([day + 5, day + hour + 1, day + hour + 2])
