@@ -11,6 +11,12 @@ CPU seconds (user+sys, getrusage) and events per CPU-second, peak RSS, whether t
 counters reconcile and whether DuckDB's metric_latest equals the generator's oracle.
 Results go to OUT/results.json and OUT/results.md; --profile adds OUT/profile-graph-N.txt.
 Exit status 1 if any run failed or disagreed with the oracle.
+
+    python -m benchmarks.run --streaming [--rates 20 100 300] [--duration-s 60]
+                             [--early-firing-s 5] [--catch-up-s 60] [--skip-baseline]
+
+measures the streaming job's lag per publish rate instead (benchmarks/streaming.py),
+into OUT/results-streaming.{json,md}.
 """
 
 from __future__ import annotations
@@ -499,17 +505,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Run the streaming lag benchmark instead of the bounded one.")
     stream.add_argument("--rates", nargs="+", type=float, default=[20.0, 100.0, 300.0],
                         help="Publish rates, messages/s (duplicates included).")
-    stream.add_argument("--duration-s", type=float, default=60.0,
-                        help="Seconds of steady publishing per run.")
-    stream.add_argument("--early-firing-s", type=int, default=5,
-                        help="The job's --early_firing_s (early panes, processing time).")
-    stream.add_argument("--catch-up-s", type=float, default=60.0,
-                        help="How long to wait after the last publish for the sink to "
-                             "show every event.")
-    stream.add_argument("--poll-s", type=float, default=1.0,
-                        help="Seconds between reads of the DuckDB file.")
-    stream.add_argument("--duplicate-share", type=float, default=0.05,
-                        help="Share of messages that resend an earlier event_id.")
+    for flag, kind, default, text in (
+            ("--duration-s", float, 60.0, "Seconds of steady publishing per run."),
+            ("--early-firing-s", int, 5, "The job's --early_firing_s (early panes)."),
+            ("--catch-up-s", float, 60.0, "How long to wait after the last publish for "
+                                          "the sink to show every event."),
+            ("--poll-s", float, 1.0, "Seconds between reads of the DuckDB file."),
+            ("--duplicate-share", float, 0.05, "Share of messages that resend an "
+                                               "earlier event_id.")):
+        stream.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args(argv)
 
     out_dir = Path(args.out).resolve()
