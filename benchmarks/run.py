@@ -11,6 +11,12 @@ CPU seconds (user+sys, getrusage) and events per CPU-second, peak RSS, whether t
 counters reconcile and whether DuckDB's metric_latest equals the generator's oracle.
 Results go to OUT/results.json and OUT/results.md; --profile adds OUT/profile-graph-N.txt.
 Exit status 1 if any run failed or disagreed with the oracle.
+
+    python -m benchmarks.run --streaming [--rates 20 100 300] [--duration-s 60]
+                             [--early-firing-s 5] [--catch-up-s 60] [--skip-baseline]
+
+measures the streaming job's lag per publish rate instead (benchmarks/streaming.py),
+into OUT/results-streaming.{json,md}.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -113,24 +119,29 @@ def dataset(cache_dir: Path, events: int, seed: int) -> Path:
 
 # --- one run in a child process -------------------------------------------------------
 
-def _forward(stream: TextIO, prefix: str, log: TextIO, tail: list[str]) -> None:
-    """Child output → log file; progress lines and errors → the console."""
+def _forward(stream: TextIO, prefix: str, log: TextIO, tail: list[str],
+             watch: Callable[[str], None] | None = None) -> None:
+    """Child output → log file (and `watch`, line by line); progress lines and errors →
+    the console."""
     for line in stream:
         log.write(line)
         log.flush()
         tail.append(line)
         del tail[:-40]
+        if watch is not None:
+            watch(line)
         text = line.rstrip()
         if " progress: " in text or "ERROR" in text or "Traceback" in text:
             say(f"{prefix}   {text.split(' INFO ', 1)[-1]}")
 
 
-def _rss_mib(pid: int) -> float | None:
-    """Current resident set of a process (Linux /proc), for the progress lines."""
+def _proc_status_mib(pid: int, key: str = "VmRSS") -> float | None:
+    """A memory figure of a process from Linux /proc: VmRSS (current resident set, for
+    the progress lines), VmHWM (its peak)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -171,7 +182,7 @@ def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: 
                         child.wait(timeout=heartbeat_s)
                         break
                     except subprocess.TimeoutExpired:
-                        rss = _rss_mib(child.pid)
+                        rss = _proc_status_mib(child.pid)
                         say(f"{prefix} running, {_clock(time.monotonic() - started)} elapsed"
                             + (f", RSS {rss:,.0f} MiB" if rss is not None else ""))
             except BaseException:
@@ -200,19 +211,26 @@ def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: 
     return result
 
 
-def _verdict(result: dict[str, Any]) -> str:
+def verdict(result: dict[str, Any], problems: Callable[[dict[str, Any]], list[str]]
+            ) -> str:
+    """'FAILED' for a run that did not finish, else its problems, or 'exact'."""
     if "error" in result:
         return "FAILED"
-    problems = []
-    if not result["reconciles"]:
-        problems.append("counters do not reconcile")
-    if not result["counts_match"]:
-        problems.append("counts differ from generator")
-    if not result["oracle_match"]:
-        problems.append(f"{result['oracle_differences']} oracle differences")
-    if not result["changelog_sums_to_latest"]:
-        problems.append("changelog does not sum to latest")
-    return "; ".join(problems) if problems else "exact"
+    found = problems(result)
+    return "; ".join(found) if found else "exact"
+
+
+def _problems(result: dict[str, Any]) -> list[str]:
+    return [text for failed, text in (
+        (not result["reconciles"], "counters do not reconcile"),
+        (not result["counts_match"], "counts differ from generator"),
+        (not result["oracle_match"], f"{result['oracle_differences']} oracle differences"),
+        (not result["changelog_sums_to_latest"], "changelog does not sum to latest"),
+    ) if failed]
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    return verdict(result, _problems)
 
 
 def run_ok(result: dict[str, Any]) -> bool:
@@ -225,14 +243,37 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "**NO**"
 
 
-def markdown(report: dict[str, Any]) -> str:
+def _title(report: dict[str, Any], title: str) -> list[str]:
     env = report["environment"]
-    lines = [
-        "# clickstream-beam benchmark",
+    return [
+        f"# {title}",
         "",
         (f"{report['finished_at']} · Beam {env['apache_beam']} · Python {env['python']} · "
          f"{env['cpus']} CPUs · {env['platform']} · commit {env['commit']}"),
         "",
+    ]
+
+
+def runs_table(runs: Sequence[dict[str, Any]], first: Callable[[dict[str, Any]], str],
+               columns: Sequence[str], cells: Callable[[dict[str, Any]], list[str]]
+               ) -> list[str]:
+    """A markdown table of runs, a row each: `first(run)`, the run's title, then
+    `cells(run)`, or FAILED for a run that did not finish. `columns` are the headings
+    (ending in ':' for a right-aligned column)."""
+    lines = ["| " + " | ".join(c.removesuffix(":") for c in columns) + " |",
+             "|" + "|".join("---:" if c.endswith(":") else "---" for c in columns) + "|"]
+    for r in runs:
+        rest = (cells(r) if "error" not in r else
+                [f"FAILED ({r['error']})"] + [""] * (len(columns) - 3))
+        lines.append("| " + " | ".join([first(r), MODE_TITLES[r["mode"]], *rest]) + " |")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    if report.get("kind") == "streaming":
+        return streaming_markdown(report)
+    lines = [
+        *_title(report, "clickstream-beam benchmark"),
         ("DirectRunner, batch, `--direct_num_workers=1 --direct_running_mode=in_memory`, "
          "DuckDB sink. Each run is its own process; wall and CPU time cover building and "
          "running the pipeline only. The graph dedups with `DeduplicateEvents` (hash "
@@ -240,25 +281,19 @@ def markdown(report: dict[str, Any]) -> str:
          "`DeduplicatePerKey` on event_id, which sends the whole graph to the "
          "BundleBasedDirectRunner."),
         "",
-        ("| events | run | runner | read | wall s | events/s | events/s per worker "
-         "| CPU s (user+sys) | events/CPU-s | CPU/wall | peak RSS MiB | reconciles "
-         "| counts = generator | DuckDB = oracle |"),
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        *runs_table(
+            report["runs"], lambda r: f"{r['size']:,}",
+            ("events:", "run", "runner", "read:", "wall s:", "events/s:",
+             "events/s per worker:", "CPU s (user+sys):", "events/CPU-s:", "CPU/wall:",
+             "peak RSS MiB:", "reconciles", "counts = generator", "DuckDB = oracle"),
+            lambda r: [
+                r["runner"], f"{r['events_read']:,}", f"{r['wall_s']:.1f}",
+                f"{r['events_per_s']:,.0f}", f"{r['events_per_s'] / r['workers']:,.0f}",
+                f"{r['cpu_s']:.1f}", f"{r['events_per_cpu_s']:,.0f}",
+                f"{r['cpu_per_wall']:.2f}", f"{r['peak_rss_mib']:,.0f}",
+                _yes(r["reconciles"]), _yes(r["counts_match"]),
+                _yes(r["oracle_match"] and r["changelog_sums_to_latest"])]),
     ]
-    for r in report["runs"]:
-        title = MODE_TITLES[r["mode"]]
-        if "error" in r:
-            lines.append(f"| {r['size']:,} | {title} | | | | | | | | | | FAILED "
-                         f"({r['error']}) | | |")
-            continue
-        lines.append(
-            f"| {r['size']:,} | {title} | {r['runner']} | {r['events_read']:,} "
-            f"| {r['wall_s']:.1f} | {r['events_per_s']:,.0f} "
-            f"| {r['events_per_s'] / r['workers']:,.0f} | {r['cpu_s']:.1f} "
-            f"| {r['events_per_cpu_s']:,.0f} | {r['cpu_per_wall']:.2f} "
-            f"| {r['peak_rss_mib']:,.0f} | {_yes(r['reconciles'])} "
-            f"| {_yes(r['counts_match'])} "
-            f"| {_yes(r['oracle_match'] and r['changelog_sums_to_latest'])} |")
     if report["speedups"]:
         lines += [
             "",
@@ -281,6 +316,53 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("profile"):
         lines += ["", f"Profile: `{report['profile']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def streaming_markdown(report: dict[str, Any]) -> str:
+    from benchmarks.streaming import markdown_rows
+
+    args = report["arguments"]
+    lines = [
+        *_title(report, "clickstream-beam streaming lag benchmark"),
+        f"`{args['command']}`",
+        "",
+        ("Per rate and graph: a fresh Pub/Sub emulator (127.0.0.1), topic and subscription, "
+         "and the streaming job in its own process on the DirectRunner (which runs "
+         "streaming on the BundleBasedDirectRunner: one Python process, one worker), "
+         f"`--timestamp_attribute event_time --early_firing_s {args['early_firing_s']}`, "
+         "DuckDB sink. After a warm-up (a message a second until the sink shows one), "
+         f"events of now are published at a steady rate for {args['duration_s']:g} s, "
+         f"{args['duplicate_share']:.0%} of messages resending an earlier event_id; the "
+         f"DuckDB file is read (read-only) every {args['poll_s']:g} s. The graph dedups "
+         "with `DeduplicateEvents`; the baseline is the same streaming job with Beam's "
+         "`DeduplicatePerKey` on event_id in its place."),
+        "",
+        *markdown_rows(report),
+        "",
+        ("Columns: *freshness lag* at each sample is now minus the send time of the N-th "
+         "unique event sent, N the day windows' `events` total the sink shows (0 once it "
+         "shows everything sent so far); *catch-up* is from the last publish to the "
+         "first sample showing every unique event; *sink events/s* is the slope of that "
+         "total over the second half of publishing (what the job sustains); "
+         "*events/CPU-s* are the unique events the sink gained per CPU-second (user+sys, "
+         "every thread) of the job process from the first steady message to the end of "
+         "measuring; *peak RSS* is the job's VmHWM; *watermark lag* is the job's own "
+         "watermark lag probe (`watermark_lag_s`, transforms/freshness.py) as the job's "
+         "output shows it, from the first steady message on: the gauge in its progress "
+         "lines, or the probe's log line where this runner drops the gauge (it samples "
+         "once per event-time minute); *sink = sent* compares every hour and day window's "
+         "`events` value with the unique events sent in it, after the job stopped on "
+         "SIGTERM, and checks that each window's changelog sums (sign × value) to its "
+         "latest value. *load 1m* is the machine's 1-minute load average at the start "
+         "and end of the run (2 cores; other work may share them)."),
+        "",
+        ("Streaming speed here is a property of the DirectRunner: its streaming runner is "
+         "one Python process with one worker that pulls Pub/Sub 10 messages at a time, "
+         "so these numbers say how lag grows once the input outruns that runner, not "
+         "what a job on Dataflow (or Flink) would show: that cannot be measured on this "
+         "machine."),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -321,32 +403,11 @@ def environment() -> dict[str, Any]:
 
 # --- main -----------------------------------------------------------------------------
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[100_000, 1_000_000],
-                        help="Dataset sizes in generated lines (e.g. 100000 1M).")
-    parser.add_argument("--out", default="bench-results",
-                        help="Directory for results.json, results.md, logs, profile.")
-    parser.add_argument("--skip-baseline", action="store_true",
-                        help="Only run the graph (the baseline takes ~4 min per 1M events).")
-    parser.add_argument("--profile", action="store_true",
-                        help="Also run the graph at the first size under cProfile and "
-                             "write the top 30 functions by tottime.")
-    parser.add_argument("--seed", type=int, default=1, help="Generator seed.")
-    parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bench-data"),
-                        help="Cache of generated datasets.")
-    parser.add_argument("--heartbeat", type=float, default=15.0,
-                        help="Seconds between 'running' lines.")
-    args = parser.parse_args(argv)
-
-    out_dir = Path(args.out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    modes = ("graph",) if args.skip_baseline else MODES
+def bounded(args: argparse.Namespace, modes: Sequence[str], out_dir: Path,
+            env: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The bounded benchmark: (report, whether every run was exact)."""
     started_at = _utc_now()
     started = time.monotonic()
-    env = environment()
     say(f"benchmark: sizes {', '.join(f'{s:,}' for s in args.sizes)}; runs "
         f"{', '.join(modes)}; Beam {env['apache_beam']}, Python {env['python']}, "
         f"{env['cpus']} CPUs; results → {out_dir}")
@@ -383,16 +444,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedups": speedups(runs),
         "profile": profile_file,
     }
+    return report, all(run_ok(r) for r in runs)
+
+
+def streaming(args: argparse.Namespace, modes: Sequence[str], out_dir: Path,
+              env: dict[str, Any], argv: Sequence[str]) -> tuple[dict[str, Any], bool]:
+    """The streaming lag benchmark (benchmarks/streaming.py): (report, whether every
+    run's sink equalled what was sent)."""
+    from benchmarks.streaming import StreamSettings, run_all, stream_verdict
+
+    started_at = _utc_now()
+    say(f"streaming benchmark: rates {', '.join(f'{r:g}' for r in args.rates)} "
+        f"messages/s for {args.duration_s:g} s each; runs {', '.join(modes)}; Beam "
+        f"{env['apache_beam']}, Python {env['python']}, {env['cpus']} CPUs; results → "
+        f"{out_dir}")
+    settings = StreamSettings(duration_s=args.duration_s,
+                              early_firing_s=args.early_firing_s,
+                              catch_up_cap_s=args.catch_up_s, poll_s=args.poll_s,
+                              duplicate_share=args.duplicate_share)
+    runs = run_all(args.rates, modes, settings, out_dir)
+    report = {
+        "kind": "streaming",
+        "started_at": started_at,
+        "finished_at": _utc_now(),
+        "arguments": {"command": "scripts/bench " + " ".join(argv),
+                      "rates": args.rates, "duration_s": args.duration_s,
+                      "early_firing_s": args.early_firing_s,
+                      "catch_up_cap_s": args.catch_up_s, "poll_s": args.poll_s,
+                      "duplicate_share": args.duplicate_share, "modes": list(modes)},
+        "environment": env,
+        "runs": runs,
+    }
+    return report, all(stream_verdict(r) == "exact" for r in runs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[100_000, 1_000_000],
+                        help="Dataset sizes in generated lines (e.g. 100000 1M).")
+    parser.add_argument("--out", default="bench-results",
+                        help="Directory for results.json, results.md (streaming: "
+                             "results-streaming.*), logs, profile.")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="Only run the graph (the baseline takes ~4 min per 1M events).")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also run the graph at the first size under cProfile and "
+                             "write the top 30 functions by tottime.")
+    parser.add_argument("--seed", type=int, default=1, help="Generator seed.")
+    parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bench-data"),
+                        help="Cache of generated datasets.")
+    parser.add_argument("--heartbeat", type=float, default=15.0,
+                        help="Seconds between 'running' lines.")
+    stream = parser.add_argument_group(
+        "streaming", "Lag of the streaming job reading Pub/Sub (the emulator), per "
+        "publish rate (benchmarks/streaming.py); --sizes and --profile do not apply.")
+    stream.add_argument("--streaming", action="store_true",
+                        help="Run the streaming lag benchmark instead of the bounded one.")
+    stream.add_argument("--rates", nargs="+", type=float, default=[20.0, 100.0, 300.0],
+                        help="Publish rates, messages/s (duplicates included).")
+    for flag, kind, default, text in (
+            ("--duration-s", float, 60.0, "Seconds of steady publishing per run."),
+            ("--early-firing-s", int, 5, "The job's --early_firing_s (early panes)."),
+            ("--catch-up-s", float, 60.0, "How long to wait after the last publish for "
+                                          "the sink to show every event."),
+            ("--poll-s", float, 1.0, "Seconds between reads of the DuckDB file."),
+            ("--duplicate-share", float, 0.05, "Share of messages that resend an "
+                                               "earlier event_id.")):
+        stream.add_argument(flag, type=kind, default=default, help=text)
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modes = ("graph",) if args.skip_baseline else MODES
+    started = time.monotonic()
+    env = environment()
+    if args.streaming:
+        report, ok = streaming(args, modes, out_dir, env, argv)
+        stem = "results-streaming"
+    else:
+        report, ok = bounded(args, modes, out_dir, env)
+        stem = "results"
     text = markdown(report)
-    with open(out_dir / "results.json", "w") as f:
+    with open(out_dir / f"{stem}.json", "w") as f:
         json.dump(report, f, indent=1)
-    with open(out_dir / "results.md", "w") as f:
+    with open(out_dir / f"{stem}.md", "w") as f:
         f.write(text)
     say("")
     say(text)
-    say(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} "
+    say(f"wrote {out_dir / f'{stem}.json'} and {out_dir / f'{stem}.md'} "
         f"(total {_clock(time.monotonic() - started)})")
-    return 0 if all(run_ok(r) for r in runs) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

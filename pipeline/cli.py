@@ -82,11 +82,16 @@ def _query(argv: Sequence[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def configure_logging() -> None:
+    """INFO lines with a timestamp (the job's progress lines), Beam's own at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__ + "\n\ncommands:\n"
               "  run      --input_files GLOB --duckdb_path FILE [--distinct exact|hll] "

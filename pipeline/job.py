@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,13 +134,16 @@ def explain_sink_failures(options: ClickstreamOptions) -> Iterator[None]:
 
 
 def build(p: beam.Pipeline, options: ClickstreamOptions, *,
-          bigquery_test_client: Any = None) -> None:
+          bigquery_test_client: Any = None,
+          dedup: Callable[[MetricsConfig], beam.PTransform] | None = None) -> None:
     """The job's graph: the source the flags choose, the clickstream graph, the sinks.
     ``bigquery_test_client``: tests only, not a flag (Beam's ``WriteToBigQuery`` has no
-    endpoint option; see transforms/sink_bigquery.py)."""
+    endpoint option; see transforms/sink_bigquery.py). ``dedup``: benchmarks only, makes
+    the dedup stage from the run's metrics config (benchmarks/baseline.py)."""
     payloads, bounded = read_payloads(p, options)
+    config = metrics_config(p, options, bounded)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
-        metrics_config(p, options, bounded), options.dedup_buckets,
+        config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
         archive=options.raw_archive(bounded=bounded),
         dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
@@ -266,11 +269,13 @@ def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> Non
 
 
 def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
-                  stop: threading.Event | None = None, settle_s: float = 10.0
+                  stop: threading.Event | None = None, settle_s: float = 10.0,
+                  graph: Callable[[beam.Pipeline, ClickstreamOptions], None] = build
                   ) -> RunSummary:
     """Run the streaming job until Ctrl-C, SIGTERM, --max_run_s or `stop`; then cancel it
     and summarize. A streaming pipeline never finishes by itself, so stopping is the
-    normal end of a run, not an error."""
+    normal end of a run, not an error. ``graph`` builds the job (benchmarks swap the
+    dedup stage through it)."""
     if not select_mode(options):
         raise SystemExit("a streaming run reads --input_subscription")
     clickstream = options.view_as(ClickstreamOptions)
@@ -280,7 +285,7 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
     started = time.monotonic()
     try:
         p = beam.Pipeline(options=options)
-        build(p, clickstream)
+        graph(p, clickstream)
         result = p.run()
         log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
                  clickstream.input_subscription,

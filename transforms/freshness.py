@@ -7,11 +7,15 @@ when it fires, that the watermark has just reached that time: lag = now - timer 
 The samples go to a Beam gauge (`watermark_lag_s`, the latest) and a distribution
 (`watermark_lag_ms`), which DirectRunner, Prism and Flink return through the job's
 metrics, Dataflow shows as custom job metrics, and the streaming job prints with its
-progress; each sample is also emitted as a `WatermarkLag` element.
+progress; each sample is also emitted as a `WatermarkLag` element and logged (a line per
+sample, at most one per period of event time): the DirectRunner's streaming runner drops
+the metrics of timer-fired bundles, where the samples are taken, so there the log line is
+the only trace the job's output carries (benchmarks/streaming.py reads it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple
@@ -29,6 +33,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.batching import EventBatch
 
+log = logging.getLogger("clickstream")
 METRICS_NAMESPACE = "clickstream"
 DEFAULT_PERIOD_S = 60
 
@@ -85,6 +90,8 @@ class ProbeWatermarkFn(beam.DoFn):
         lag_s = max(0.0, now_s - watermark_s)
         self._gauge.set(int(lag_s))
         self._distribution.update(int(lag_s * 1000))
+        log.info("watermark lag sample: %.1f s (the watermark passed %s)", lag_s,
+                 fired_at.to_rfc3339())
         yield WatermarkLag(watermark_s, now_s, lag_s)
 
 
