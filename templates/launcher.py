@@ -51,11 +51,20 @@ from apache_beam.runners.runner import PipelineResult
 
 from pipeline.job import build, explain_sink_failures, select_mode
 from pipeline.options import ClickstreamOptions
+from runners import dataflow
 
 log = logging.getLogger("clickstream.flex")
 
-AT_LEAST_ONCE = "streaming_mode_at_least_once"
-EXACTLY_ONCE = "streaming_mode_exactly_once"
+AT_LEAST_ONCE = dataflow.STREAMING_MODES["at_least_once"]
+EXACTLY_ONCE = dataflow.STREAMING_MODES["exactly_once"]
+# The production settings of runners/dataflow.py's preset a streaming launch applies when
+# the user gave none, by the options view that holds each.
+PRESET_SETTINGS = {
+    "enable_streaming_engine": GoogleCloudOptions,
+    "enable_hot_key_logging": GoogleCloudOptions,
+    "autoscaling_algorithm": WorkerOptions,
+    "max_num_workers": WorkerOptions,
+}
 
 
 def _worker_code(options: PipelineOptions) -> None:
@@ -89,6 +98,7 @@ def _streaming_on_dataflow(options: PipelineOptions) -> None:
     - Exactly-once mode: the event_id dedup and the retracting changelog keep state; in
       at-least-once mode Dataflow may deliver a record to them twice, and the metrics
       would count it twice. Refused if asked for; otherwise made explicit.
+    - The preset's production settings (PRESET_SETTINGS) where the user gave none.
     - A store that outlives the workers: DuckDB would be a file on each worker's disk, so
       it is turned off, and BigQuery or Bigtable must be given.
     """
@@ -103,6 +113,14 @@ def _streaming_on_dataflow(options: PipelineOptions) -> None:
     if EXACTLY_ONCE not in modes:
         service.dataflow_service_options = [
             *(service.dataflow_service_options or []), EXACTLY_ONCE]
+    # Streaming Engine, throughput-based autoscaling, the worker cap and hot key logging,
+    # as `runners.preset_args("dataflow")` sets them for `clickstream run`: a template
+    # launch gets the same production behaviour unless its parameters say otherwise.
+    preset = PipelineOptions(dataflow.preset_args()).get_all_options()
+    for name, view in PRESET_SETTINGS.items():
+        given = options.view_as(view)
+        if getattr(given, name) in (None, False):
+            setattr(given, name, preset[name])
     clickstream = options.view_as(ClickstreamOptions)
     clickstream.duckdb_path = ""  # a file on each worker's disk: lost with the workers
     if not clickstream.durable_stores():

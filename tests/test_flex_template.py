@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineState
 
+import runners
 from pipeline.job import build, select_mode
 from pipeline.options import ClickstreamOptions
 from transforms.sources import _SUBSCRIPTION as SUBSCRIPTION_PATH
@@ -399,6 +400,12 @@ def test_streaming_launcher_returns_after_submitting_to_a_fake_standing_in_for_d
     clickstream = options.view_as(ClickstreamOptions)
     assert clickstream.input_subscription == SUBSCRIPTION
     assert clickstream.duckdb_path == ""  # no DuckDB file on the workers' disks
+    # runners/dataflow.py's production settings, as `clickstream run` would get them.
+    preset = PipelineOptions(runners.preset_args("dataflow")).get_all_options()
+    submitted = options.get_all_options()
+    for name in ("enable_streaming_engine", "enable_hot_key_logging",
+                 "autoscaling_algorithm", "max_num_workers"):
+        assert submitted[name] == preset[name] not in (None, False), name
 
     labels = set(_labels(pipeline))
     assert {"ReadMessages", "ReadMessages/ReadPubSub", "Clickstream", "WriteBigQuery",
@@ -420,6 +427,15 @@ def test_streaming_launcher_returns_after_submitting_to_a_fake_standing_in_for_d
     # ... and the processing-time late trigger (forced to 0 only on the DirectRunner).
     config = transforms["Clickstream"]._config
     assert (config.early_firing_s, config.late_firing_s, config.distinct) == (30, 120, "hll")
+
+
+def test_streaming_launcher_keeps_the_users_worker_settings(fake_dataflow):
+    load_launcher().launch(_streaming_argv(*DURABLE_SINKS, "--max_num_workers=50",
+                                           "--autoscaling_algorithm=NONE"))
+    (_, options, _), = fake_dataflow
+    worker = options.view_as(WorkerOptions)
+    assert (worker.max_num_workers, worker.autoscaling_algorithm) == (50, "NONE")
+    assert options.view_as(GoogleCloudOptions).enable_streaming_engine is True
 
 
 def test_streaming_launcher_writes_bigquery_alone_or_bigtable_alone(fake_dataflow):
