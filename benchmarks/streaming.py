@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import json
+import functools
 import math
 import os
 import random
@@ -56,6 +56,7 @@ from benchmarks.run import (
     say,
     verdict,
 )
+from pipeline import generator
 
 PROJECT = "clickstream-bench"
 TIMESTAMP_ATTRIBUTE = "event_time"
@@ -69,9 +70,9 @@ WINDOW_EVENTS_SQL = ("SELECT granularity, window_start, sum(value) FROM metric_l
 WATERMARK_LAG = re.compile(r"watermark lag(?: sample:)? ([\d,.]+) s")
 READY = "streaming from "
 KEEP_ALIVE_S = 0.5
-# Event types of the default funnel plus a feature use, so every metric has work.
-EVENT_TYPES = ("page_view", "page_view", "page_view", "add_to_cart", "checkout",
-               "purchase", "feature_use")
+# The stream's events: the generator's live events, with ids of their own.
+live_event = functools.partial(generator.live_event, id_prefix="bench",
+                               timestamp_attribute=TIMESTAMP_ATTRIBUTE)
 
 
 # --- pure functions (tests/test_bench_streaming.py) ------------------------------------
@@ -143,17 +144,6 @@ def expected_windows(unique_event_ms: Sequence[int]) -> dict[tuple[str, int], in
 
 
 # --- the stream -----------------------------------------------------------------------
-
-def live_event(n: int, now_ms: int) -> tuple[bytes, dict[str, str]]:
-    """A valid event happening now, as a publisher sends it (payload, attributes)."""
-    event_type = EVENT_TYPES[n % len(EVENT_TYPES)]
-    event = {"event_id": f"bench-{n}", "event_type": event_type,
-             "event_time": now_ms, "device_id": f"d{n % 997}", "user_id": f"u{n % 997}",
-             "session_id": f"s{n % 997}", "platform": "web",
-             "properties": ({"feature": f"f{n % 5}"} if event_type == "feature_use"
-                            else {"page": "/home"})}
-    return json.dumps(event).encode(), {TIMESTAMP_ATTRIBUTE: str(now_ms)}
-
 
 @dataclass
 class Stream:

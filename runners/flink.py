@@ -20,7 +20,7 @@ from pathlib import Path
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.version import __version__ as BEAM_VERSION
 
-from runners import OptionValue, render_args
+from runners import RUNNER_NAMES, OptionValue, render_args
 
 JAR_DIR = Path(__file__).resolve().parent.parent / ".cache" / "jars"
 # Beam 2.77's FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS: 1.19, 1.20, 2.0, 2.1, 2.2.
@@ -128,7 +128,7 @@ def resolve_job_server_jar(argv: list[str]) -> list[str]:
 
     options = PipelineOptions(list(argv))
     runner = str(options.view_as(StandardOptions).runner or "")
-    if runner.strip().lower() not in ("flink", "flinkrunner"):
+    if RUNNER_NAMES.get(runner.strip().lower()) != "flink":
         return list(argv)
     if options.view_as(PortableOptions).job_endpoint:
         return list(argv)

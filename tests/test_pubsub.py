@@ -34,7 +34,13 @@ from apache_beam.runners.runner import PipelineRunner
 
 from pipeline import oracle
 from pipeline.compare import changelog_mismatches, differences, latest_from_duckdb
-from pipeline.generator import DEFAULT_FUNNEL, GeneratorConfig, read_truth, write_dataset
+from pipeline.generator import (
+    DEFAULT_FUNNEL,
+    GeneratorConfig,
+    live_event,
+    read_truth,
+    write_dataset,
+)
 from pipeline.publish import message_attributes
 from tests.fixtures_servers import pubsub_emulator  # noqa: F401 - pytest fixture
 from transforms.sink_duckdb import read_rows
@@ -233,15 +239,6 @@ def test_id_label_is_used_only_where_the_runner_supports_it() -> None:
         ReadEventMessages(f"projects/{PROJECT}/topics/t")
 
 
-def _live_event(n: int, now: datetime) -> tuple[bytes, dict[str, str]]:
-    """A valid page view happening now, as the publisher sends it (payload, attributes)."""
-    event = {"event_id": f"live-{n}", "event_type": "page_view",
-             "event_time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-             "device_id": f"d{n % 11}", "user_id": f"u{n % 11}", "platform": "web",
-             "properties": {"page": "/home"}}
-    return json.dumps(event).encode(), {"event_time": str(int(now.timestamp() * 1000))}
-
-
 def test_open_windows_get_early_panes_while_events_stream_in(
         topic_and_subscription: tuple[str, str], tmp_path: Path) -> None:
     """Dashboards fresh within minutes: events of the current hour, published while the
@@ -266,9 +263,11 @@ def test_open_windows_get_early_panes_while_events_stream_in(
         first_sent = time.monotonic()
         while time.monotonic() - first_sent < 25:
             now = datetime.now(UTC)
+            now_ms = int(now.timestamp() * 1000)
             futures = [publisher.publish(topic, payload, **attributes)
-                       for payload, attributes in (_live_event(len(sent) + i, now)
-                                                   for i in range(10))]
+                       for payload, attributes in (
+                           live_event(len(sent) + i, now_ms, event_types=("page_view",))
+                           for i in range(10))]
             for future in futures:
                 future.result(timeout=30)
             sent.extend([now] * 10)
