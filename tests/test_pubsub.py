@@ -106,6 +106,7 @@ def _sink_state(db: str) -> tuple[dict, int] | None:
         return None
 
 
+@pytest.mark.integration
 def test_pubsub_stream_equals_the_oracle_and_reconciles(
         topic_and_subscription: tuple[str, str], dataset: tuple[str, dict],
         tmp_path: Path) -> None:
@@ -239,6 +240,7 @@ def test_id_label_is_used_only_where_the_runner_supports_it() -> None:
         ReadEventMessages(f"projects/{PROJECT}/topics/t")
 
 
+@pytest.mark.integration
 def test_open_windows_get_early_panes_while_events_stream_in(
         topic_and_subscription: tuple[str, str], tmp_path: Path) -> None:
     """Dashboards fresh within minutes: events of the current hour, published while the

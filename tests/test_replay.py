@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pipeline import oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.generator import DEFAULT_FUNNEL, GeneratorConfig, read_truth, write_dataset
@@ -16,6 +18,7 @@ STEP_S, LAG_S, LATENESS_S = 3600, 300, 3 * 86400
 SIZES = {"hour": 3_600_000, "day": 86_400_000}
 
 
+@pytest.mark.integration  # a TestStream replay of a day: >10 s
 def test_replay_matches_the_oracle_with_too_late_events_dropped(tmp_path) -> None:
     data = str(tmp_path / "data")
     write_dataset(data, GeneratorConfig(events=1500, seed=5, too_late_rate=0.02))
