@@ -6,7 +6,8 @@ and too-late events included) in arrival order with `clickstream publish`, run
 wait (with a deadline) until DuckDB holds the oracle's values and every dead letter,
 stop it with SIGTERM, and check the reconciling summary it prints.
 
-The DirectRunner's Pub/Sub watermark follows the wall clock (DESIGN.md), so the dataset
+The DirectRunner's Pub/Sub watermark follows the wall clock
+(docs/design.md#pubsub-on-the-directrunner), so the dataset
 is generated for the day before yesterday (UTC): every window has ended before the first
 message (so the test need not wait for windows to close; early panes of open windows have
 their own test at the end), a 4-day allowed lateness keeps them all open, and the
