@@ -237,8 +237,9 @@ def select_mode(options: PipelineOptions) -> bool:
     --input_subscription, False for --input_files (both or neither: SystemExit).
 
     A streaming job without ``--runner`` gets the BundleBasedDirectRunner: the
-    DirectRunner would first try to download Prism (DESIGN.md) and then fall back to that
-    runner for a streaming job anyway. ``clickstream run`` and the flex template launcher
+    DirectRunner would first try to download Prism
+    (docs/design.md#directrunner-picks-prism-first) and then fall back to that runner for a
+    streaming job anyway. ``clickstream run`` and the flex template launcher
     both start here, so a launched job is set up as ``clickstream run`` sets it up; what
     depends on the runner (id_label only where honoured, the late trigger on the
     DirectRunner) is decided inside ``build``.
@@ -274,9 +275,10 @@ def metrics_config(p: beam.Pipeline, options: ClickstreamOptions,
     if "DirectRunner" in runner and config.late_firing_s > 0:
         # The BundleBasedDirectRunner (where the DirectRunner runs a streaming job) stalls
         # on a processing-time late trigger ("Monitor task detected a pipeline stall",
-        # DESIGN.md), as replay does: late panes fire per late bundle instead. With the
-        # Pub/Sub source's wall-clock watermark, data older than its window's end is late
-        # from the first message, so late panes are most of what this runner emits.
+        # docs/design.md#late-trigger-stall), as replay does: late panes fire per late
+        # bundle instead. With the Pub/Sub source's wall-clock watermark, data older than
+        # its window's end is late from the first message, so late panes are most of what
+        # this runner emits.
         log.warning("streaming on the %s: using --late_firing_s 0 (a late pane per late "
                     "bundle); a processing-time late trigger stalls this runner", runner)
         config = dataclasses.replace(config, late_firing_s=0)
