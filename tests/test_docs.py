@@ -46,6 +46,13 @@ def test_code_cites_docs_pages_that_exist_and_nothing_outside_the_repository() -
     assert check_docs.bad_citations() == []
 
 
+def test_every_docs_page_is_in_the_readme_contents() -> None:
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    missing = [page for page in pages if f"]({page})" not in readme]
+    assert missing == [], f"link {missing} from the README's Documentation list"
+
+
 def test_pending_pages_are_allowed_only_while_missing() -> None:
     """A page in the allowance that now exists must leave it, so its links are checked."""
     landed = sorted(p for p in check_docs.PENDING_PAGES if (ROOT / p).exists())
