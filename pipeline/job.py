@@ -209,6 +209,11 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     endpoint option; see transforms/sink_bigquery.py). ``dedup``: benchmarks only, makes
     the dedup stage from the run's metrics config (benchmarks/baseline.py)."""
     payloads, bounded = read_payloads(p, options)
+    # Files read by a streaming job (Flink streaming, with checkpoints) are unbounded for
+    # the graph: its bounded shortcuts (group once in the global window, re-stamp to
+    # event times after) are right only where the runner groups everything at the end;
+    # a streaming runner drops what they re-stamp behind its final watermark.
+    bounded = bounded and not options.view_as(StandardOptions).streaming
     config = metrics_config(p, options, bounded)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,

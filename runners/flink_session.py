@@ -51,9 +51,6 @@ HOST = "127.0.0.1"
 JM_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
 TM_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
 BASH_JAVA_UTILS = "org.apache.flink.runtime.util.bash.BashJavaUtils"
-# The Flink accumulator Beam's Flink runner keeps a job's Beam metrics in (JSON of a
-# GetJobMetricsResponse: monitoring infos, base64 payloads).
-BEAM_METRICS_ACCUMULATOR = "__metricscontainers"
 # What Flink's default config.yaml passes to every JVM on Java 17 (Kryo and Pekko reflect
 # into these packages; without them jobs fail at runtime, not at start).
 JAVA17_OPTS = (
@@ -372,30 +369,19 @@ class FlinkSession:
         """REST /jobs/overview: every job's id (``jid``), ``name`` and ``state``."""
         return list(self.rest("/jobs/overview")["jobs"])
 
-    def checkpoints(self, job_id: str) -> dict[str, Any]:
+    def job_checkpoints(self, job_id: str) -> dict[str, Any]:
         """REST /jobs/:id/checkpoints: ``counts`` (completed, failed, restored, ...),
         ``latest`` (completed, restored: the checkpoint a restart resumed from)."""
         return dict(self.rest(f"/jobs/{job_id}/checkpoints"))
 
-    def beam_metrics(self, job_id: str) -> Any:
-        """The Beam metrics of a job as it runs (a MetricResults, attempted values), from
-        the accumulator Beam's Flink runner keeps them in; None before the first report.
-
-        Beam's job service answers GetJobMetrics only for a finished job, so this is how
-        a streaming job's counters are read while it runs. The values are those of the
-        current execution attempt: a job restarted from a checkpoint counts from zero."""
-        from apache_beam.portability.api import beam_job_api_pb2
-        from apache_beam.runners.portability.portable_runner import PortableMetrics
-        from google.protobuf import json_format
-
-        accumulators = self.rest(f"/jobs/{job_id}/accumulators")
-        for item in accumulators.get("user-task-accumulators", []):
-            if item.get("name") == BEAM_METRICS_ACCUMULATOR:
-                response = json_format.Parse(item["value"],
-                                             beam_job_api_pb2.GetJobMetricsResponse(),
-                                             ignore_unknown_fields=True)
-                return PortableMetrics(response)
-        return None
+    def cancel_job(self, job_id: str) -> None:
+        """Cancel a job through REST (PATCH /jobs/:id?mode=cancel). Cancelling Beam's
+        job (``result.cancel()``) stops the job server's side, not a job it submitted to
+        a session cluster."""
+        request = urllib.request.Request(f"{self.rest_url}/jobs/{job_id}?mode=cancel",
+                                         method="PATCH")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
 
     def wait_for_taskmanagers(self, count: int, timeout_s: float,
                               watch: Iterable[str] = ()) -> dict[str, Any]:
