@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.metrics.metric import MetricResults, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability import portable_runner
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.kafka import consumer_lag, expansion_service
@@ -37,37 +38,83 @@ STREAMING_DEAD_LETTER_WINDOW_S = 5
 KAFKA_CHECKPOINT_INTERVAL_MS = 10_000
 
 
+@dataclass(frozen=True)
+class SinkTally:
+    """What reached the DuckDB sink: the reconciliation where the runner returns no
+    counters. Unique valid events counted in day windows, dead letters by reason."""
+
+    counted: int
+    dead_letter_by_reason: dict[str, int]
+
+    @property
+    def dead_letter(self) -> int:
+        return sum(self.dead_letter_by_reason.values())
+
+    @classmethod
+    def from_duckdb(cls, path: str) -> SinkTally:
+        from transforms.sink_duckdb import read_rows
+
+        counted = read_rows(path, "SELECT coalesce(sum(value), 0) FROM metric_latest "
+                                  "WHERE metric = 'events' AND granularity = 'day'")[0][0]
+        reasons = read_rows(path, "SELECT reason, count(*) FROM dead_letter GROUP BY 1")
+        return cls(int(counted), {str(r): int(n) for r, n in reasons})
+
+
 @dataclass
 class RunSummary:
     counters: dict[str, int]
     elapsed_s: float
     state: str
+    # Filled where the runner returned no counters and the run wrote a DuckDB file.
+    sink: SinkTally | None = None
 
     @property
     def read(self) -> int:
         return self.counters.get("read", 0)
 
     @property
+    def counters_available(self) -> bool:
+        """Whether the runner returned the job's counters. A run that read anything
+        counts `read`; none at all means the runner gave nothing back (Flink's job
+        service has no metrics for a job it did not see finish)."""
+        return "read" in self.counters
+
+    @property
     def reconciles(self) -> bool:
+        """read = unique + duplicates + dead letter, by the job's own counters; False
+        when there are none (then the sink tally is what there is)."""
         c = self.counters
-        return c.get("read", 0) == (c.get("unique", 0) + c.get("duplicates", 0)
-                                    + c.get("dead_letter", 0))
+        return self.counters_available and c["read"] == (
+            c.get("unique", 0) + c.get("duplicates", 0) + c.get("dead_letter", 0))
 
     def render(self) -> str:
         c = self.counters
-        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
-        lines = [
-            f"pipeline state: {self.state}",
-            f"read {c.get('read', 0):,} = unique valid {c.get('unique', 0):,}"
-            f" + duplicates {c.get('duplicates', 0):,}"
-            f" + dead letter {c.get('dead_letter', 0):,}"
-            f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]",
-        ]
-        reasons = {k.split(".", 1)[1]: v for k, v in c.items()
-                   if k.startswith("dead_letter.")}
+        lines = [f"pipeline state: {self.state}"]
+        if self.counters_available:
+            lines.append(
+                f"read {c['read']:,} = unique valid {c.get('unique', 0):,}"
+                f" + duplicates {c.get('duplicates', 0):,}"
+                f" + dead letter {c.get('dead_letter', 0):,}"
+                f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]")
+            reasons = {k.split(".", 1)[1]: v for k, v in c.items()
+                       if k.startswith("dead_letter.")}
+        else:
+            lines.append("counters unavailable on this runner (it returned no Beam "
+                         "metrics for this job), so nothing reconciles by counters")
+            reasons = self.sink.dead_letter_by_reason if self.sink else {}
+            if self.sink:
+                lines.append(f"from the sink: {self.sink.counted:,} unique valid events "
+                             f"counted in day windows, {self.sink.dead_letter:,} dead "
+                             "letters (duplicates and events too late for their windows "
+                             "are not in the sink)")
+            else:
+                lines.append("no DuckDB sink to reconcile from: check the stores")
         if reasons:
             lines.append("dead letter by reason: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(reasons.items())))
+        if not self.counters_available:
+            lines.append(f"elapsed {self.elapsed_s:.1f} s")
+            return "\n".join(lines)
         if "archive_events" in c:
             lines.append(f"raw archive: {c['archive_events']:,} events in "
                          f"{c.get('archive_files', 0):,} files")
@@ -78,12 +125,33 @@ class RunSummary:
         lines.append(f"changelog rows: {c.get('changelog_revisions', 0):,} revisions, "
                      f"{c.get('changelog_retractions', 0):,} retractions, "
                      f"{c.get('windows_finalized', 0):,} windows final")
+        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
         lines.append(f"elapsed {self.elapsed_s:.1f} s, {rate:,.0f} events/s")
         return "\n".join(lines)
 
 
+def summarize(result: beam.runners.runner.PipelineResult, elapsed_s: float, state: str,
+              options: ClickstreamOptions) -> RunSummary:
+    """The run's summary: its counters, or where the runner returned none, the tally of
+    what reached the DuckDB sink."""
+    counters = counters_of(result)
+    summary = RunSummary(counters, elapsed_s, state)
+    if not summary.counters_available and options.duckdb_path:
+        summary.sink = SinkTally.from_duckdb(options.duckdb_path)
+    return summary
+
+
+def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
+    # Beam's portable PipelineResult keeps its first GetJobMetrics answer for good; the
+    # progress line asks while the job runs, and Flink's job service answers with the
+    # job's metrics only once the job has finished. So ask again every time.
+    if isinstance(result, portable_runner.PipelineResult):
+        result._metrics = None
+    return result.metrics()
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
-    return result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
 
 def _counters(query: dict[str, list]) -> dict[str, int]:
@@ -176,8 +244,9 @@ def select_mode(options: PipelineOptions) -> bool:
     --input_subscription, False for --input_files (both or neither: SystemExit).
 
     A streaming job without ``--runner`` gets the BundleBasedDirectRunner: the
-    DirectRunner would first try to download Prism (DESIGN.md) and then fall back to that
-    runner for a streaming job anyway. ``clickstream run`` and the flex template launcher
+    DirectRunner would first try to download Prism
+    (docs/design.md#directrunner-picks-prism-first) and then fall back to that runner for a
+    streaming job anyway. ``clickstream run`` and the flex template launcher
     both start here, so a launched job is set up as ``clickstream run`` sets it up; what
     depends on the runner (id_label only where honoured, the late trigger on the
     DirectRunner) is decided inside ``build``.
@@ -237,9 +306,10 @@ def metrics_config(p: beam.Pipeline, options: ClickstreamOptions,
     if "DirectRunner" in runner and config.late_firing_s > 0:
         # The BundleBasedDirectRunner (where the DirectRunner runs a streaming job) stalls
         # on a processing-time late trigger ("Monitor task detected a pipeline stall",
-        # DESIGN.md), as replay does: late panes fire per late bundle instead. With the
-        # Pub/Sub source's wall-clock watermark, data older than its window's end is late
-        # from the first message, so late panes are most of what this runner emits.
+        # docs/design.md#late-trigger-stall), as replay does: late panes fire per late
+        # bundle instead. With the Pub/Sub source's wall-clock watermark, data older than
+        # its window's end is late from the first message, so late panes are most of what
+        # this runner emits.
         log.warning("streaming on the %s: using --late_firing_s 0 (a late pane per late "
                     "bundle); a processing-time late trigger stalls this runner", runner)
         config = dataclasses.replace(config, late_firing_s=0)
@@ -251,10 +321,15 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
     while not stop.wait(every_s):
         try:
             query = _query(result)  # one metrics query a line
-            read, lag_s = _counters(query).get("read", 0), _watermark_lag(query)
+            counters, lag_s = _counters(query), _watermark_lag(query)
         except Exception:
             continue
         elapsed = time.monotonic() - started
+        if "read" not in counters and lag_s is None:
+            log.info("progress: %s s, job %s (this runner reports no counters while the "
+                     "job runs)", f"{elapsed:.0f}", result.state)
+            continue
+        read = counters.get("read", 0)
         log.info("progress: %s s, %s events read (%s/s)%s", f"{elapsed:.0f}", f"{read:,}",
                  f"{read / elapsed:,.0f}",
                  "" if lag_s is None else f", watermark lag {lag_s:,} s")
@@ -279,7 +354,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             state = result.wait_until_finish()
         finally:
             stop.set()
-    return RunSummary(counters_of(result), time.monotonic() - started, str(state))
+    return summarize(result, time.monotonic() - started, str(state), clickstream)
 
 
 def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> None:
@@ -293,7 +368,9 @@ def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> Non
             counters = counters_of(result)
         except Exception:
             counters = {}
-        if RunSummary(counters, 0.0, "").reconciles and counters == previous:
+        # No counters at all: the runner returns none while the job runs (Flink).
+        stable = counters == previous
+        if stable and (not counters or RunSummary(counters, 0.0, "").reconciles):
             return
         previous = counters
         time.sleep(0.5)
@@ -364,7 +441,7 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         resources.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return RunSummary(counters_of(result), time.monotonic() - started, state)
+    return summarize(result, time.monotonic() - started, state, clickstream)
 
 
 def _job_server_jar(options: PipelineOptions) -> str:

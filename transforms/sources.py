@@ -63,7 +63,8 @@ class ReadEventFiles(beam.PTransform):
     bytes per line, in lists (see SplitLinesFn).
 
     Bytes, not str: a UTF-8 text source fails the whole read on one invalid line
-    (DESIGN.md); decoding belongs to validation, which dead-letters such a line.
+    (docs/design.md#utf-8-text-sources); decoding belongs to validation, which
+    dead-letters such a line.
     Each file is read by one worker, line by line at C speed: textio's splittable read
     spent ~5.5 µs a line on range tracking (measured), more than parsing's JSON step,
     and landing zones and the generator write many shards rather than one huge file.
@@ -86,10 +87,10 @@ def runner_supports_id_label(runner: object) -> bool:
     """Whether `runner` (a name, class or instance) honours ReadFromPubSub's id_label.
 
     Only Dataflow implements Pub/Sub reads natively with id_label dedup. The Python
-    DirectRunner raises NotImplementedError for it (DESIGN.md), and the portable runners
-    (Prism, Flink) have no native Pub/Sub read of their own. Elsewhere the graph's
-    event_id dedup is what removes redeliveries, so dropping id_label there loses nothing
-    but an earlier, cheaper filter.
+    DirectRunner raises NotImplementedError for it (docs/design.md#pubsub-on-the-directrunner),
+    and the portable runners (Prism, Flink) have no native Pub/Sub read of their own.
+    Elsewhere the graph's event_id dedup is what removes redeliveries, so dropping
+    id_label there loses nothing but an earlier, cheaper filter.
     """
     name = runner if isinstance(runner, str) else (
         runner.__name__ if isinstance(runner, type) else type(runner).__name__)
@@ -167,7 +168,7 @@ class Rebundle(beam.PTransform):
     DirectRunner only. Input must be stamped with ingest time. The group fires on the
     watermark (the wall clock there), not on a processing-time trigger: a
     Repeatedly(AfterProcessingTime) fired once and then never again on that runner
-    (measured), the stall DESIGN.md reports for late triggers. One key: the runner has
+    (measured), the stall of docs/design.md#late-trigger-stall. One key: the runner has
     one worker thread anyway.
     """
 
