@@ -183,3 +183,18 @@ def test_kafka_flags_select_a_streaming_flink_run_that_checkpoints() -> None:
 def test_kafka_flags_are_refused_half_given(argv, message) -> None:
     with pytest.raises(SystemExit, match=message):
         is_streaming(_options(*argv))
+
+
+def test_freshness_from_the_generators_progress() -> None:
+    from benchmarks.streaming_kafka import freshness_from_progress, sustained
+
+    progress = [(100.0, 0), (101.0, 10), (102.0, 20), (103.0, 30)]
+    samples = [(99.0, 0), (101.5, 0), (102.5, 10), (103.0, 30), (104.0, 25)]
+    # Before the first send: skipped. Showing none at 101.5: the first event went out at
+    # 101. Showing 10 at 102.5: the 10th went out at 101. All shown: 0. 25 of 30 at 104:
+    # the 25th went out at 103.
+    assert freshness_from_progress(progress, samples) == [
+        (101.5, 0.5), (102.5, 1.5), (103.0, 0.0), (104.0, 1.0)]
+    assert sustained({"rate": 100, "sink_events_per_s": 95, "lag_p95_s": 5})
+    assert not sustained({"rate": 100, "sink_events_per_s": 80, "lag_p95_s": 5})
+    assert not sustained({"rate": 100, "sink_events_per_s": 100, "lag_p95_s": 61})
