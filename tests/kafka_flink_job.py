@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from pipeline import job  # noqa: E402
+from pipeline.cli import configure_logging  # noqa: E402
 from pipeline.publish import publish_to_kafka  # noqa: E402
 from runners.flink import resolve_job_server_jar  # noqa: E402
 from tests.servers import kafka_broker  # noqa: E402
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--replay_dir", required=True)
     args, job_args = parser.parse_known_args(argv)
+    configure_logging()  # the job's own lines (progress, why it stopped) on stderr
     started = time.monotonic()
     with kafka_broker() as bootstrap:
         published = publish_to_kafka(bootstrap, TOPIC, args.replay_dir,
