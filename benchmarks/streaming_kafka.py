@@ -130,20 +130,21 @@ class Sampler(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str, job_pid: int, every_s: float) -> None:
         super().__init__(daemon=True)
-        self._bootstrap, self._topic, self._pid = bootstrap, topic, job_pid
-        self._every_s = every_s
+        # Not _bootstrap: that name is Thread's own method.
+        self.kafka_bootstrap, self.topic, self.job_pid = bootstrap, topic, job_pid
+        self.every_s = every_s
         self.stop = threading.Event()
         self.samples: list[dict[str, Any]] = []
 
     def run(self) -> None:
-        while not self.stop.wait(self._every_s):
+        while not self.stop.wait(self.every_s):
             sample: dict[str, Any] = {"t": time.time()}
             with contextlib.suppress(Exception):
                 sample["lag"] = {p.partition: p.lag for p in consumer_lag(
-                    self._bootstrap, self._topic, GROUP, timeout_s=5)}
-            java = children(self._pid)
-            sample["python_cpu_s"] = cpu_s(self._pid)
-            sample["python_rss_mib"] = _proc_status_mib(self._pid)
+                    self.kafka_bootstrap, self.topic, GROUP, timeout_s=5)}
+            java = children(self.job_pid)
+            sample["python_cpu_s"] = cpu_s(self.job_pid)
+            sample["python_rss_mib"] = _proc_status_mib(self.job_pid)
             sample["java_cpu_s"] = sum(cpu_s(p) or 0.0 for p in java)
             sample["java_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in java)
             self.samples.append(sample)
@@ -257,8 +258,9 @@ def _run_one(bootstrap: str, mode: str, parallelism: int, rate: float,
         finally:
             poller.stop.set()
             sampler.stop.set()
-            poller.join(timeout=30)
-            sampler.join(timeout=30)
+            for thread in (poller, sampler):
+                if thread.is_alive():
+                    thread.join(timeout=30)
             stop_process(job, timeout=120)
             reader.join(timeout=10)
         result["exit_code"] = job.returncode
