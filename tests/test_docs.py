@@ -46,6 +46,13 @@ def test_code_cites_docs_pages_that_exist_and_nothing_outside_the_repository() -
     assert check_docs.bad_citations() == []
 
 
+def test_every_docs_page_is_in_the_readme_contents() -> None:
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    missing = [page for page in pages if f"]({page})" not in readme]
+    assert missing == [], f"link {missing} from the README's Documentation list"
+
+
 def test_pending_pages_are_allowed_only_while_missing() -> None:
     """A page in the allowance that now exists must leave it, so its links are checked."""
     landed = sorted(p for p in check_docs.PENDING_PAGES if (ROOT / p).exists())
@@ -126,3 +133,19 @@ def test_a_block_fails_on_a_nonzero_exit_or_a_missing_expectation(tmp_path: Path
     missing = outcome("echo hello\n#> goodbye")
     assert not missing.ok and missing.missing == ["goodbye"]
     assert not outcome("false\necho not reached").ok  # bash -e: the first failure stops it
+
+
+@pytest.mark.integration  # the bounded benchmark's own process: generate + run + oracle
+def test_bounded_benchmark_runs_on_a_small_data_set(tmp_path: Path) -> None:
+    """docs/benchmarks.md's command at a size CI affords, graph only: it writes its
+    results files and finds the output equal to the oracle."""
+    out = tmp_path / "bench"
+    done = subprocess.run([str(ROOT / "scripts" / "bench"), "--sizes", "2000",
+                           "--skip-baseline", "--out", str(out),
+                           "--data-dir", str(tmp_path / "data")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| 2,000 |"))
+    assert row.rstrip(" |").endswith("yes | yes | yes"), row  # reconciles, counts, oracle
+    assert (out / "results.json").exists()
