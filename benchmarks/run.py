@@ -496,29 +496,10 @@ def kafka_streaming(args: argparse.Namespace, modes: Sequence[str], out_dir: Pat
                             "rates": args.rates, "parallelism": args.flink_parallelism,
                             "duration_s": args.duration_s, "burst_s": args.burst_s,
                             "early_firing_s": args.early_firing_s,
-                            "duplicate_share": args.duplicate_share,
+                            "duplicate_share": args.duplicate_share, "poll_s": args.poll_s,
                             "pipeline_args": args.pipeline_arg, "modes": list(modes)},
               "environment": env, "runs": runs}
-    text = "\n".join([
-        *_title(report, "clickstream-beam streaming benchmark: Kafka → FlinkRunner"),
-        f"`{report['arguments']['command']}`", "",
-        "One Kafka broker (scripts/kafka), the job on FlinkRunner `[local]` (LOOPBACK, "
-        "checkpoints every 10 s, offsets committed on completion) and the load generator "
-        "(`clickstream load`, constant rate, "
-        f"{args.duplicate_share:g} resent) all on this machine, in one network namespace; "
-        f"{args.duration_s:g} s of load per rate, the DuckDB sink read every "
-        f"{args.poll_s:g} s. Rates rise until one is not sustained (sink slope < 90% of "
-        "the rate, or p95 freshness ≥ 60 s). The baseline is the same job with Beam's "
-        "DeduplicatePerKey.", "",
-        *kafka.markdown_rows(runs), "", *kafka.summary_lines(runs), "",
-        "Columns: *freshness* is now minus the send time of the N-th unique event, N the "
-        "day windows' `events` total in the sink; *consumer lag* is end offset minus the "
-        "group's committed offset per partition (committed at checkpoints, so it trails "
-        "by up to 10 s of input); *watermark lag* is the job's `watermark_lag_s` probe "
-        "from its log; *CPU* is cores used (CPU-seconds per second) by the job's Python "
-        "process (driver + LOOPBACK SDK harness) and its Java children (job server with "
-        "the embedded Flink, expansion service); *load 1m* is the machine's load average "
-        "(others share it).", ""])
+    text = kafka.render_markdown(report)
     for name, body in (("results-streaming-kafka.json", json.dumps(report, indent=1)),
                        ("results-streaming-kafka.md", text)):
         with open(out_dir / name, "w") as f:

@@ -100,6 +100,16 @@ def freshness_from_progress(progress: Sequence[tuple[float, int]],
     return lags
 
 
+def events_per_cpu_s(run: dict[str, Any]) -> float | None:
+    """Sink events/s per core the job's processes (Python and Java) used: what the graph
+    costs, whatever share of the machine it got."""
+    rate, cores = run.get("sink_events_per_s"), [
+        run.get("python_cpu_per_wall"), run.get("java_cpu_per_wall")]
+    if rate is None or None in cores or not sum(cores):  # type: ignore[arg-type]
+        return None
+    return rate / sum(cores)  # type: ignore[arg-type]
+
+
 def sustained(run: dict[str, Any]) -> bool:
     rate, p95 = run.get("sink_events_per_s"), run.get("lag_p95_s")
     return (rate is not None and p95 is not None and p95 < FRESH_S
@@ -361,13 +371,13 @@ def run_all(rates: Sequence[float], parallelisms: Sequence[int], modes: Sequence
 def markdown_rows(runs: Sequence[dict[str, Any]]) -> list[str]:
     head = ("| graph | parallelism | rate events/s | sink events/s (2nd half) | freshness "
             "p50 / p95 / max s | sustained | consumer lag max per partition | watermark "
-            "lag max s | CPU python / java (cores) | RSS max python / java MiB | load 1m "
-            "start → end |")
-    rows = [head, "|" + "---|" * 11]
+            "lag max s | CPU python / java (cores) | events per job CPU-s | RSS max python / "
+            "java MiB | load 1m start → end |")
+    rows = [head, "|" + "---|" * 12]
     for r in runs:
         if "error" in r:
             rows.append(f"| {r['mode']} | {r.get('parallelism', '')} | {r['rate']:g} | "
-                        f"failed: {r['error'][:80]} |" + " |" * 7)
+                        f"failed: {r['error'][:80]} |" + " |" * 8)
             continue
         lags = ", ".join(f"{p}: {n:,}" for p, n in sorted(
             r["consumer_lag_max_by_partition"].items()))
@@ -379,7 +389,8 @@ def markdown_rows(runs: Sequence[dict[str, Any]]) -> list[str]:
             f"{_num(r['lag_p95_s'])} / {_num(r['lag_max_s'])} | "
             f"{'yes' if r['sustained'] else 'no'} | {lags} | "
             f"{_num(r['watermark_lag_max_s'])} | {_num(r['python_cpu_per_wall'], 2)} / "
-            f"{_num(r['java_cpu_per_wall'], 2)} | {_num(r['python_rss_max_mib'], 0)} / "
+            f"{_num(r['java_cpu_per_wall'], 2)} | {_num(events_per_cpu_s(r), 0)} | "
+            f"{_num(r['python_rss_max_mib'], 0)} / "
             f"{_num(r['java_rss_max_mib'], 0)} | {r['load_1m_start']:.1f} → "
             f"{r['load_1m_end']:.1f} |")
     return rows
@@ -413,3 +424,40 @@ def in_private_network() -> bool:
 
     return {name for _, name in socket.if_nameindex()} <= {"lo"}
 
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """results-streaming-kafka.md from the report (also: `python -m
+    benchmarks.streaming_kafka results-streaming-kafka.json` rewrites the .md)."""
+    from benchmarks.run import _title
+
+    args = report["arguments"]
+    return "\n".join([
+        *_title(report, "clickstream-beam streaming benchmark: Kafka → FlinkRunner"),
+        f"`{report['arguments']['command']}`", "",
+        "One Kafka broker (scripts/kafka), the job on FlinkRunner `[local]` (LOOPBACK, "
+        "checkpoints every 10 s, offsets committed on completion) and the load generator "
+        "(`clickstream load`, constant rate, "
+        f"{args['duplicate_share']:g} resent) all on this machine, in one network namespace; "
+        f"{args['duration_s']:g} s of load per rate, the DuckDB sink read every "
+        f"{args.get('poll_s', 1.0):g} s. Rates rise until one is not sustained (sink "
+        "slope < 90% of the rate, or p95 freshness ≥ 60 s). The baseline is the same job "
+        "with Beam's DeduplicatePerKey.", "",
+        *markdown_rows(report['runs']), "", *summary_lines(report['runs']), "",
+        "Columns: *freshness* is now minus the send time of the N-th unique event, N the "
+        "day windows' `events` total in the sink; *consumer lag* is end offset minus the "
+        "group's committed offset per partition (committed at checkpoints, so it trails "
+        "by up to 10 s of input); *watermark lag* is the job's `watermark_lag_s` probe "
+        "from its log; *CPU* is cores used (CPU-seconds per second) by the job's Python "
+        "process (driver + LOOPBACK SDK harness) and its Java children (job server with "
+        "the embedded Flink, expansion service), and *events per job CPU-s* the sink rate "
+        "per core those used together; *load 1m* is the machine's load average "
+        "(others share it).", ""])
+
+
+if __name__ == "__main__":
+    import json
+
+    path = Path(sys.argv[1])
+    with open(path) as f:
+        loaded = json.load(f)
+    path.with_suffix(".md").write_text(render_markdown(loaded))
