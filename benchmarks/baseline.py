@@ -119,12 +119,14 @@ def build_baseline(p: beam.Pipeline, options: ClickstreamOptions) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`clickstream run --input_subscription ...` with the baseline graph: the streaming
-    benchmark's baseline job (benchmarks/streaming.py), stopped by SIGTERM like it."""
+    """`clickstream run --input_subscription ...` (or `--kafka_bootstrap ...
+    --kafka_topic ...`) with the baseline graph: the streaming benchmarks' baseline job
+    (benchmarks/streaming.py, benchmarks/streaming_kafka.py), stopped by SIGTERM like it."""
     cli.configure_logging()
     options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
-    if not options.view_as(ClickstreamOptions).input_subscription:
-        raise SystemExit("the streaming baseline reads --input_subscription")
+    if not job.is_streaming(options.view_as(ClickstreamOptions)):
+        raise SystemExit("the streaming baseline reads --input_subscription or "
+                         "--kafka_topic")
     summary = job.run_streaming(options, graph=build_baseline)
     print(summary.render())
     return 0

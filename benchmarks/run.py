@@ -467,6 +467,48 @@ def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
+def kafka_streaming(args: argparse.Namespace, modes: Sequence[str], out_dir: Path,
+                    env: dict[str, Any], argv: Sequence[str]) -> int:
+    """The Kafka → Flink streaming benchmark (benchmarks/streaming_kafka.py), inside a
+    private network namespace: this re-executes itself there once the broker's and the
+    job server's jars are cached (the namespace has no route to the registry)."""
+    from benchmarks import streaming_kafka as kafka
+
+    if not kafka.in_private_network():
+        subprocess.run([str(ROOT / "scripts" / "kafka"), "prepare"], check=True)
+        subprocess.run([str(ROOT / "scripts" / "fetch_flink_jobserver")], check=True,
+                       stdout=subprocess.DEVNULL)
+        return subprocess.call([*netns_prefix(), sys.executable, "-m", "benchmarks.run",
+                                *argv], cwd=ROOT)
+    started_at = _utc_now()
+    settings = kafka.KafkaStreamSettings(
+        duration_s=args.duration_s, early_firing_s=args.early_firing_s,
+        catch_up_cap_s=args.catch_up_s, poll_s=args.poll_s,
+        duplicate_share=args.duplicate_share, burst_s=args.burst_s,
+        pipeline_args=args.pipeline_arg)
+    say(f"Kafka → Flink streaming benchmark: rates {', '.join(f'{r:g}' for r in args.rates)}"
+        f" events/s, parallelism {args.flink_parallelism}, runs {', '.join(modes)}; "
+        f"{env['cpus']} CPUs, load {os.getloadavg()[0]:.1f}; results → {out_dir}")
+    runs = kafka.run_all(args.rates, args.flink_parallelism, modes, settings, out_dir)
+    report = {"kind": "streaming-kafka", "started_at": started_at,
+              "finished_at": _utc_now(),
+              "arguments": {"command": "scripts/bench " + " ".join(argv),
+                            "rates": args.rates, "parallelism": args.flink_parallelism,
+                            "duration_s": args.duration_s, "burst_s": args.burst_s,
+                            "early_firing_s": args.early_firing_s,
+                            "duplicate_share": args.duplicate_share, "poll_s": args.poll_s,
+                            "pipeline_args": args.pipeline_arg, "modes": list(modes)},
+              "environment": env, "runs": runs}
+    text = kafka.render_markdown(report)
+    for name, body in (("results-streaming-kafka.json", json.dumps(report, indent=1)),
+                       ("results-streaming-kafka.md", text)):
+        with open(out_dir / name, "w") as f:
+            f.write(body)
+    say(text)
+    say(f"wrote {out_dir / 'results-streaming-kafka.md'} and .json")
+    return 0 if all("error" not in r for r in runs) else 1
+
+
 def environment() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -617,6 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Run the streaming lag benchmark instead of the bounded one.")
     stream.add_argument("--rates", nargs="+", type=float, default=[20.0, 100.0, 300.0],
                         help="Publish rates, messages/s (duplicates included).")
+    stream.add_argument("--source", choices=("pubsub", "kafka"), default="pubsub",
+                        help="pubsub: the emulator, DirectRunner; kafka: a local broker "
+                             "and FlinkRunner (benchmarks/streaming_kafka.py; with "
+                             "--runner flink and --flink-parallelism).")
+    stream.add_argument("--burst-s", type=float, default=120.0,
+                        help="Kafka: length of the 5x burst on the highest sustained "
+                             "rate (0: no burst run).")
     for flag, kind, default, text in (
             ("--duration-s", float, 60.0, "Seconds of steady publishing per run."),
             ("--early-firing-s", int, 5, "The job's --early_firing_s (early panes)."),
@@ -633,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = ("graph",) if args.skip_baseline else MODES
     started = time.monotonic()
     env = environment()
+    if args.streaming and args.source == "kafka":
+        return kafka_streaming(args, modes, out_dir, env, argv)
     if args.streaming:
         report, ok = streaming(args, modes, out_dir, env, argv)
         stem = "results-streaming"

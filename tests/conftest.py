@@ -7,7 +7,8 @@ import pytest
 # Fixtures that start a real server (tests/fixtures_servers.py). A test that asks for one
 # is an integration test whether or not its author marked it, so `scripts/test --fast`
 # never waits on an emulator.
-SERVER_FIXTURES = frozenset({"bigtable_emulator", "pubsub_emulator", "bigquery_server"})
+SERVER_FIXTURES = frozenset({"bigtable_emulator", "pubsub_emulator", "bigquery_server",
+                             "kafka_broker"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
