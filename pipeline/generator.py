@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
 from pipeline import oracle
+from schemas import GRANULARITY_MS
 from transforms.metrics import DEFAULT_FUNNEL
 
-DAY_MS = 86_400_000
+DAY_MS = GRANULARITY_MS["day"]
+HOUR_MS = GRANULARITY_MS["hour"]
 FEATURES = ("search", "share", "wishlist", "dark_mode", "voice", "compare")
 PLATFORMS = ("ios", "android", "web")
 PAGES = ("/", "/home", "/search", "/product", "/cart", "/account", "/deals", "/help")
@@ -163,7 +165,7 @@ class ClickstreamGenerator:
         if r < c.too_late_rate + c.late_days_rate:
             return self.rng.randint(DAY_MS, 2 * DAY_MS)
         if r < c.too_late_rate + c.late_days_rate + c.late_hours_rate:
-            return self.rng.randint(3_600_000, 12 * 3_600_000)
+            return self.rng.randint(HOUR_MS, 12 * HOUR_MS)
         return self.rng.randint(200, 20_000)
 
     def generate(self) -> tuple[list[_Line], list[oracle.TruthEvent], Counter]:
@@ -202,7 +204,7 @@ class ClickstreamGenerator:
                     fields.get("feature"), arrival))
                 if rng.random() < c.duplicate_rate:
                     for _ in range(rng.choice((1, 1, 2))):
-                        redelivery = rng.choice((0, rng.randint(1, 3_600_000)))
+                        redelivery = rng.choice((0, rng.randint(1, HOUR_MS)))
                         lines.append(_Line(arrival + redelivery, payload))
         lines.sort(key=lambda line: line.arrival_ms)
         return lines, truth, reasons

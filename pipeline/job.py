@@ -19,8 +19,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.options import ClickstreamOptions
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricsConfig
-from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
 from transforms.sources import ReadEventFiles, ReadEventMessages
 

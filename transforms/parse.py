@@ -22,11 +22,11 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, in_global_window
 from transforms.events import Event, EventBatch
 from transforms.runtime import relax_gc
 
-METRICS_NAMESPACE = "clickstream"
 DEAD_LETTER_TAG = "dead_letter"
 
 

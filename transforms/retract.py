@@ -5,11 +5,18 @@ The Python SDK has no RETRACTING accumulation mode, so this stage builds it: per
 each new value it emits that row again with sign -1. For every key and window,
 sum(sign × value) over the changelog equals the latest value.
 
-Timing is derived here rather than trusted from the runner (DESIGN.md: the
-BundleBasedDirectRunner labels late panes EARLY): once the watermark has passed the
-window end, or an ON_TIME/LATE pane was seen, every later pane is LATE. The final mark
-comes from an event-time timer at window end + allowed lateness: past it the windowing
-drops data, so the value can no longer change.
+Timing is derived here, never taken from the runner's pane label (the
+BundleBasedDirectRunner labels late panes EARLY, Prism labels early panes ON_TIME and
+LATE: apache/beam#31438). This stage's own event-time timer at the window end says when
+the watermark has passed it: values written before are EARLY; at the timer, each key's
+value as of that moment is written once as ON_TIME (the upstream on-time pane holds the
+watermark until it is processed, so it is in); every change after is LATE. A bounded
+run's panes come when its input is complete: they are ON_TIME. The final mark comes
+from an event-time timer at window end + allowed lateness: past it the windowing drops
+data, so the value can no longer change. docs/correctness.md has the rules.
+
+State is never changed in place: a runner's state cache can hand a retried bundle the
+very object an earlier, failed attempt read, so every change is made to a copy.
 """
 
 from __future__ import annotations
@@ -31,9 +38,8 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricPane
-
-METRICS_NAMESPACE = "clickstream"
 
 WindowKey = tuple[str, str]  # granularity, window_start (ISO)
 MetricKey = tuple[str, str]  # metric, dims
@@ -52,13 +58,12 @@ def _timestamp(dt: datetime) -> Timestamp:
     return Timestamp(micros=int(dt.timestamp() * 1_000_000))
 
 
-def classify_timing(runner_timing: str, watermark_passed: bool, seen_on_time: bool) -> str:
-    """EARLY, ON_TIME or LATE, whatever label the runner put on the pane."""
-    if seen_on_time:
-        return "LATE"
-    if runner_timing in ("ON_TIME", "LATE"):
-        return runner_timing
-    return "ON_TIME" if watermark_passed else "EARLY"
+def classify_timing(watermark_passed: bool, on_time_written: bool) -> str:
+    """EARLY before this stage saw the watermark pass the window end, then ON_TIME for
+    the first value written, LATE for every change after it."""
+    if not watermark_passed:
+        return "EARLY"
+    return "LATE" if on_time_written else "ON_TIME"
 
 
 def retraction_of(row: schemas.ChangelogRow, emitted_at: datetime) -> schemas.ChangelogRow:
@@ -75,16 +80,33 @@ def final_revision_of(row: schemas.ChangelogRow, emitted_at: datetime
                 is_final=True, emitted_at=emitted_at)
 
 
+def on_time_revision_of(row: schemas.ChangelogRow, emitted_at: datetime
+                        ) -> schemas.ChangelogRow:
+    """The value as the watermark passed the window end: the next revision, ON_TIME."""
+    return dict(row, revision=row["revision"] + 1,  # type: ignore[return-value]
+                timing="ON_TIME", emitted_at=emitted_at)
+
+
 class _WindowState:
-    """What the changelog stage remembers per window, for all its metrics and dims."""
+    """What the changelog stage remembers per window, for all its metrics and dims:
+    the last row written per key, the keys whose ON_TIME revision is written, whether
+    the watermark passed the window end and whether the final mark is written."""
 
     __slots__ = ("finalized", "last", "seen_on_time", "watermark_passed")
 
-    def __init__(self) -> None:
+    def __init__(self, watermark_passed: bool = False) -> None:
         self.last: dict[MetricKey, schemas.ChangelogRow] = {}
         self.seen_on_time: set[MetricKey] = set()
-        self.watermark_passed = False
+        self.watermark_passed = watermark_passed
         self.finalized = False
+
+    def copy(self) -> _WindowState:
+        """A copy to change (rows are never changed in place, so sharing them is safe)."""
+        new = _WindowState(self.watermark_passed)
+        new.last = dict(self.last)
+        new.seen_on_time = set(self.seen_on_time)
+        new.finalized = self.finalized
+        return new
 
 
 class EmitRetractionsFn(beam.DoFn):
@@ -100,8 +122,10 @@ class EmitRetractionsFn(beam.DoFn):
     CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
 
     def __init__(self, allowed_lateness_s: int, clock: Callable[[], datetime] = _now,
-                 cleanup_after_s: int | None = CLEANUP_AFTER_S) -> None:
+                 cleanup_after_s: int | None = CLEANUP_AFTER_S,
+                 bounded: bool = False) -> None:
         self._allowed_lateness_s = allowed_lateness_s
+        self._bounded = bounded
         self._clock = clock
         self._cleanup_after_s = cleanup_after_s
         self._revisions = Metrics.counter(METRICS_NAMESPACE, "changelog_revisions")
@@ -120,9 +144,12 @@ class EmitRetractionsFn(beam.DoFn):
         horizon_timer=beam.DoFn.TimerParam(HORIZON),
     ) -> Iterable[schemas.ChangelogRow]:
         _, pane = keyed
-        current: _WindowState | None = state.read()
-        if current is None:
-            current = _WindowState()
+        held: _WindowState | None = state.read()
+        if held is not None:
+            current = held.copy()
+        else:
+            # Bounded input is complete before any pane: its watermark is past every end.
+            current = _WindowState(watermark_passed=self._bounded)
             end = _timestamp(pane.window_end)
             window_end_timer.set(end)
             horizon_timer.set(end + self._allowed_lateness_s)
@@ -134,7 +161,7 @@ class EmitRetractionsFn(beam.DoFn):
             # would move the value back.
             self._out_of_order.inc()
             return
-        timing = classify_timing(pane.runner_timing, current.watermark_passed,
+        timing = classify_timing(current.watermark_passed,
                                  key in current.seen_on_time or current.finalized)
         if timing in ("ON_TIME", "LATE"):
             current.seen_on_time.add(key)
@@ -168,20 +195,33 @@ class EmitRetractionsFn(beam.DoFn):
         state.write(current)
 
     @on_timer(WINDOW_END)
-    def watermark_passed_window_end(self, state=beam.DoFn.StateParam(STATE)) -> None:
-        current: _WindowState | None = state.read()
-        if current is not None:
-            current.watermark_passed = True
-            state.write(current)
+    def watermark_passed_window_end(self, state=beam.DoFn.StateParam(STATE)
+                                    ) -> Iterable[schemas.ChangelogRow]:
+        held: _WindowState | None = state.read()
+        if held is None:
+            return
+        current = held.copy()
+        current.watermark_passed = True
+        if not current.finalized:
+            emitted_at = self._clock()
+            for key, last in list(current.last.items()):
+                if key in current.seen_on_time:
+                    continue
+                on_time = on_time_revision_of(last, emitted_at)
+                yield from self._replace(last, on_time)
+                current.last[key] = on_time
+                current.seen_on_time.add(key)
+        state.write(current)
 
     @on_timer(HORIZON)
     def finalize(self, fired_at=beam.DoFn.TimestampParam,
                  state=beam.DoFn.StateParam(STATE),
                  cleanup_timer=beam.DoFn.TimerParam(CLEANUP),
                  ) -> Iterable[schemas.ChangelogRow]:
-        current: _WindowState | None = state.read()
-        if current is None:
+        held: _WindowState | None = state.read()
+        if held is None:
             return
+        current = held.copy()
         if self._cleanup_after_s is not None:
             cleanup_timer.set(fired_at + self._cleanup_after_s)
         emitted_at = self._clock()
@@ -194,7 +234,7 @@ class EmitRetractionsFn(beam.DoFn):
         # delivered one after this timer) must continue the revisions, not restart them
         # at 1 where the sinks' keyed writes would drop it.
         current.finalized = True
-        current.seen_on_time.clear()
+        current.watermark_passed = True
         state.write(current)
 
     @on_timer(CLEANUP)
@@ -227,6 +267,7 @@ class RetractingChangelog(beam.PTransform):
         self._allowed_lateness_s = allowed_lateness_s
         self._clock = clock
         self._cleanup_after_s = None if bounded else CLEANUP_AFTER_S
+        self._bounded = bounded
 
     def expand(self, panes: beam.PCollection) -> beam.PCollection:
         return (
@@ -237,4 +278,4 @@ class RetractingChangelog(beam.PTransform):
             ).with_output_types(Tuple[Tuple[str, str], Any])  # noqa: UP006 - a str key
             | "EmitRetractions" >> beam.ParDo(
                 EmitRetractionsFn(self._allowed_lateness_s, self._clock,
-                                  self._cleanup_after_s)))
+                                  self._cleanup_after_s, self._bounded)))
