@@ -46,6 +46,13 @@ class GeneratorConfig:
     late_days_rate: float = 0.01
     too_late_rate: float = 0.002  # arrives after the 3-day allowed lateness
     allowed_lateness_s: int = 3 * 86400
+    # Of the duplicates, the share a client re-stamps (a retry that stamps its own time,
+    # up to RESTAMP_MAX_MS later): same event_id, other bytes and event time, maybe
+    # another hour or day. The first copy, by arrival, is the event (oracle.first_copies).
+    restamp_rate: float = 0.0
+
+
+RESTAMP_MAX_MS = 10 * 60_000
 
 
 # (reason code the pipeline must give, builder of the bad payload)
@@ -156,6 +163,14 @@ class ClickstreamGenerator:
                 step += 1
             yield session
 
+    def _restamped(self, record: dict, event_time: int) -> bytes:
+        """The record as a retrying client resends it: stamped up to RESTAMP_MAX_MS
+        later. Never earlier: a bounded run keeps the earliest-stamped copy (it has no
+        arrival order), which is then also the first to arrive."""
+        later = event_time + self.rng.randint(1, RESTAMP_MAX_MS)
+        return json.dumps(dict(record, event_time=self._format_time(later)),
+                          separators=(",", ":")).encode()
+
     def _arrival_delay_ms(self) -> int:
         c, r = self.config, self.rng.random()
         if r < c.too_late_rate:
@@ -205,7 +220,11 @@ class ClickstreamGenerator:
                 if rng.random() < c.duplicate_rate:
                     for _ in range(rng.choice((1, 1, 2))):
                         redelivery = rng.choice((0, rng.randint(1, HOUR_MS)))
-                        lines.append(_Line(arrival + redelivery, payload))
+                        copy = payload
+                        if c.restamp_rate and rng.random() < c.restamp_rate:
+                            redelivery += 1  # a retry comes after the original
+                            copy = self._restamped(record, event_time)
+                        lines.append(_Line(arrival + redelivery, copy))
         lines.sort(key=lambda line: line.arrival_ms)
         return lines, truth, reasons
 

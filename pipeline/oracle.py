@@ -48,6 +48,15 @@ def _iso(ms: int) -> str:
 MetricKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO)
 
 
+def first_copies(copies_in_arrival_order: Iterable[TruthEvent]) -> list[TruthEvent]:
+    """The dedup rule: of every copy of an event_id, the first to arrive is the event,
+    whatever the others' bytes or event time; the rest are duplicates."""
+    first: dict[str, TruthEvent] = {}
+    for copy in copies_in_arrival_order:
+        first.setdefault(copy.event_id, copy)
+    return list(first.values())
+
+
 def expected_metrics(
     events: Iterable[TruthEvent],
     funnel_steps: Sequence[str],
