@@ -25,12 +25,6 @@ from transforms.progress import LogProgress
 from transforms.sources import ReadEventFiles, ReadEventMessages
 
 log = logging.getLogger("clickstream")
-# Dead letters are written when the watermark passes their window. On a stream that
-# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
-# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
-# matches the source's re-bundling window (transforms/sources.py) and flushes them with
-# the last batch.
-STREAMING_DEAD_LETTER_WINDOW_S = 5
 
 
 @dataclass
@@ -144,8 +138,7 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     config = metrics_config(p, options, bounded)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
+        archive=options.raw_archive(bounded=bounded))
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 

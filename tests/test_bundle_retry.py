@@ -32,7 +32,7 @@ from transforms import dedup, retract
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
 
 CONFIG = MetricsConfig(allowed_lateness_s=2 * 3600, late_firing_s=0)
-FAILED: set[str] = set()  # which injected failures have happened (once each)
+failed_once: set[str] = set()  # which injected failures have happened (once each)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def fake_state_cache(monkeypatch) -> Iterator[None]:
         return cache[encoded]
 
     monkeypatch.setattr(direct_userstate.ReadModifyWriteRuntimeState, "read", read)
-    FAILED.clear()
+    failed_once.clear()
     yield
 
 
@@ -64,8 +64,8 @@ class FailOnceAfterStateRead(dedup.DropRepeatedEventIdsFn):
                 expiry=beam.DoFn.TimerParam(dedup.DropRepeatedEventIdsFn.EXPIRY)):
         values = list(batch[1])
         out = list(super().process((batch[0], values), input_value, seen_state, expiry))
-        if "dedup" not in FAILED and any(b"late-id" in v for v in values):
-            FAILED.add("dedup")
+        if "dedup" not in failed_once and any(b"late-id" in v for v in values):
+            failed_once.add("dedup")
             raise RuntimeError("injected failure after the state read (test)")
         yield from out
 
@@ -78,9 +78,9 @@ class FailOnceOnLatePane(retract.EmitRetractionsFn):
                 horizon_timer=beam.DoFn.TimerParam(retract.EmitRetractionsFn.HORIZON)):
         out = list(super().process(keyed, state, window_end_timer, horizon_timer))
         pane = keyed[1]
-        if ("retract" not in FAILED and pane.metric == "events" and pane.value == 3
+        if ("retract" not in failed_once and pane.metric == "events" and pane.value == 3
                 and pane.granularity == "hour"):
-            FAILED.add("retract")
+            failed_once.add("retract")
             raise RuntimeError("injected failure after the state read (test)")
         yield from out
 
@@ -118,7 +118,7 @@ def test_dedup_retried_after_its_state_read_with_a_fake_state_cache(
         fake_state_cache, monkeypatch) -> None:
     monkeypatch.setattr(dedup, "DropRepeatedEventIdsFn", FailOnceAfterStateRead)
     changelog = run()
-    assert FAILED == {"dedup"}  # the failure happened, and the retry went through
+    assert failed_once == {"dedup"}  # the failure happened, and the retry went through
     assert latest_values(changelog) == expected()
     assert_changelog_sums_to_latest_and_every_window_is_final(changelog)
 
@@ -127,6 +127,6 @@ def test_changelog_retried_after_its_state_read_with_a_fake_state_cache(
         fake_state_cache, monkeypatch) -> None:
     monkeypatch.setattr(retract, "EmitRetractionsFn", FailOnceOnLatePane)
     changelog = run()
-    assert FAILED == {"retract"}
+    assert failed_once == {"retract"}
     assert latest_values(changelog) == expected()
     assert_changelog_sums_to_latest_and_every_window_is_final(changelog)
