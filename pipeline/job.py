@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
@@ -22,6 +23,7 @@ from pipeline.options import ClickstreamOptions
 from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricsConfig
 from transforms.progress import LogProgress
+from transforms.retract import HeldRows, held_by_window
 from transforms.sources import ReadEventFiles, ReadEventMessages
 
 log = logging.getLogger("clickstream")
@@ -136,10 +138,32 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     the dedup stage from the run's metrics config (benchmarks/baseline.py)."""
     payloads, bounded = read_payloads(p, options)
     config = metrics_config(p, options, bounded)
+    held = None if bounded else held_at_launch(
+        options, config.allowed_lateness_s, datetime.now(UTC), bigquery_test_client)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded))
+        archive=options.raw_archive(bounded=bounded), held=held)
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
+
+
+def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: datetime,
+                   bigquery_test_client: Any = None) -> HeldRows:
+    """What the stores hold for the windows a streaming job can still revise (starting
+    from a day before now - allowed lateness), read once at launch.
+
+    A job launched with its state (a Flink savepoint, a Dataflow update) continues its
+    windows from that state and never looks here. One launched without it (drained
+    and relaunched, a savepoint forgotten) would restart their revisions at 1, below
+    what the stores hold, where the keyed writes drop them: with this it continues
+    above, retracts what the stores hold, and says so (transforms/retract.py)."""
+    start = now - timedelta(seconds=allowed_lateness_s, days=2)
+    end = now + timedelta(days=1)
+    rows = [row for store in options.stores(bigquery_test_client).values()
+            for row in store.read_held(start, end)]
+    if rows:
+        log.info("the stores hold %d rows of windows this job may revise; a window "
+                 "without state will continue above their revisions", len(rows))
+    return held_by_window(rows)
 
 
 def is_streaming(options: ClickstreamOptions) -> bool:

@@ -21,7 +21,8 @@ very object an earlier, failed attempt read, so every change is made to a copy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Tuple  # noqa: UP035 - Beam reads typing.Tuple hints
 
@@ -41,8 +42,12 @@ import schemas
 from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricPane
 
-WindowKey = tuple[str, str]  # granularity, window_start (ISO)
+WindowKey = tuple[str, str]  # granularity, window_start (ISO, UTC)
 MetricKey = tuple[str, str]  # metric, dims
+# What the sinks held when the job was launched: their latest row per key, by window.
+HeldRows = Mapping[WindowKey, Mapping[MetricKey, schemas.ChangelogRow]]
+
+log = logging.getLogger("clickstream")
 
 
 def _now() -> datetime:
@@ -52,6 +57,23 @@ def _now() -> datetime:
 # Event time between a window's final mark and forgetting it: far beyond the moment a
 # runner could still deliver a pane for it (Prism: just after the horizon timer).
 CLEANUP_AFTER_S = 86_400
+
+
+def window_key(granularity: str, window_start: datetime) -> WindowKey:
+    return granularity, window_start.astimezone(UTC).isoformat()
+
+
+def held_by_window(rows: Iterable[schemas.ChangelogRow]) -> dict[WindowKey, dict[
+        MetricKey, schemas.ChangelogRow]]:
+    """Latest rows read back from sinks (several sinks: the highest revision wins),
+    grouped as the changelog stage keys its state."""
+    held: dict[WindowKey, dict[MetricKey, schemas.ChangelogRow]] = {}
+    for row in rows:
+        window = held.setdefault(window_key(row["granularity"], row["window_start"]), {})
+        key = (row["metric"], row["dims"])
+        if key not in window or window[key]["revision"] < row["revision"]:
+            window[key] = dict(row, sign=1)  # type: ignore[assignment]
+    return held
 
 
 def _timestamp(dt: datetime) -> Timestamp:
@@ -100,6 +122,18 @@ class _WindowState:
         self.watermark_passed = watermark_passed
         self.finalized = False
 
+    @classmethod
+    def taken_over(cls, rows: Mapping[MetricKey, schemas.ChangelogRow]) -> _WindowState:
+        """A window an earlier run wrote, continued without its state: the sinks' rows
+        become the last rows, so the next revision retracts them and goes above. Their
+        pane_index is -1: this run's panes count from 0, and none is older than them.
+        Not final: a run that still gets data for the window changes it."""
+        state = cls(watermark_passed=any(r["timing"] != "EARLY" for r in rows.values()))
+        state.last = {k: dict(r, pane_index=-1)  # type: ignore[misc]
+                      for k, r in rows.items()}
+        state.seen_on_time = {k for k, r in rows.items() if r["timing"] != "EARLY"}
+        return state
+
     def copy(self) -> _WindowState:
         """A copy to change (rows are never changed in place, so sharing them is safe)."""
         new = _WindowState(self.watermark_passed)
@@ -123,9 +157,10 @@ class EmitRetractionsFn(beam.DoFn):
 
     def __init__(self, allowed_lateness_s: int, clock: Callable[[], datetime] = _now,
                  cleanup_after_s: int | None = CLEANUP_AFTER_S,
-                 bounded: bool = False) -> None:
+                 bounded: bool = False, held: HeldRows | None = None) -> None:
         self._allowed_lateness_s = allowed_lateness_s
         self._bounded = bounded
+        self._held = held or {}
         self._clock = clock
         self._cleanup_after_s = cleanup_after_s
         self._revisions = Metrics.counter(METRICS_NAMESPACE, "changelog_revisions")
@@ -135,6 +170,8 @@ class EmitRetractionsFn(beam.DoFn):
         self._out_of_order = Metrics.counter(METRICS_NAMESPACE, "panes_out_of_order")
         self._after_final = Metrics.counter(METRICS_NAMESPACE, "panes_after_final")
         self._forgotten = Metrics.counter(METRICS_NAMESPACE, "windows_forgotten")
+        self._without_state = Metrics.counter(METRICS_NAMESPACE,
+                                              "windows_relaunched_without_state")
 
     def process(
         self,
@@ -143,13 +180,14 @@ class EmitRetractionsFn(beam.DoFn):
         window_end_timer=beam.DoFn.TimerParam(WINDOW_END),
         horizon_timer=beam.DoFn.TimerParam(HORIZON),
     ) -> Iterable[schemas.ChangelogRow]:
-        _, pane = keyed
+        window, pane = keyed
         held: _WindowState | None = state.read()
         if held is not None:
             current = held.copy()
         else:
             # Bounded input is complete before any pane: its watermark is past every end.
-            current = _WindowState(watermark_passed=self._bounded)
+            current = (self._take_over(window) if window in self._held
+                       else _WindowState(watermark_passed=self._bounded))
             end = _timestamp(pane.window_end)
             window_end_timer.set(end)
             horizon_timer.set(end + self._allowed_lateness_s)
@@ -193,6 +231,18 @@ class EmitRetractionsFn(beam.DoFn):
         yield from self._replace(last, new)
         current.last[key] = new
         state.write(current)
+
+    def _take_over(self, window: WindowKey) -> _WindowState:
+        rows = self._held[window]
+        self._without_state.inc()
+        log.warning(
+            "no state for %s window %s, which the sinks already hold (revisions up to %d): "
+            "the job was relaunched without its state. Its revisions continue above "
+            "the sinks' and retract them, but its values count only the events this run "
+            "reads; run `clickstream finalize --date %s` after the day's lateness "
+            "horizon to recompute the window exactly.", window[0], window[1],
+            max(r["revision"] for r in rows.values()), window[1][:10])
+        return _WindowState.taken_over(rows)
 
     @on_timer(WINDOW_END)
     def watermark_passed_window_end(self, state=beam.DoFn.StateParam(STATE)
@@ -258,12 +308,17 @@ class RetractingChangelog(beam.PTransform):
 
     Unbounded input drops a window's state `CLEANUP_AFTER_S` of event time after its
     horizon; a bounded run ends instead (its timers all fire at the end, where a pane
-    Prism delivers late must still find the window's revisions).
+    Prism delivers late must still find the window's revisions). `held`: what the sinks
+    held at launch (held_by_window); a window found there but not in state was written
+    by an earlier run whose state this one lacks: it is continued above the sinks'
+    revisions, counted (windows_relaunched_without_state) and logged.
     """
 
     def __init__(self, allowed_lateness_s: int,
-                 clock: Callable[[], datetime] = _now, bounded: bool = False) -> None:
+                 clock: Callable[[], datetime] = _now, bounded: bool = False,
+                 held: HeldRows | None = None) -> None:
         super().__init__()
+        self._held = held
         self._allowed_lateness_s = allowed_lateness_s
         self._clock = clock
         self._cleanup_after_s = None if bounded else CLEANUP_AFTER_S
@@ -274,8 +329,8 @@ class RetractingChangelog(beam.PTransform):
             panes
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
             | "KeyByWindow" >> beam.Map(
-                lambda p: ((p.granularity, p.window_start.isoformat()), p)
+                lambda p: (window_key(p.granularity, p.window_start), p)
             ).with_output_types(Tuple[Tuple[str, str], Any])  # noqa: UP006 - a str key
             | "EmitRetractions" >> beam.ParDo(
                 EmitRetractionsFn(self._allowed_lateness_s, self._clock,
-                                  self._cleanup_after_s, self._bounded)))
+                                  self._cleanup_after_s, self._bounded, self._held)))
