@@ -17,6 +17,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from google.api_core import exceptions as google_exceptions
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.options import ClickstreamOptions
@@ -158,8 +159,12 @@ def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: da
     above, retracts what the stores hold, and says so (transforms/retract.py)."""
     start = now - timedelta(seconds=allowed_lateness_s, days=2)
     end = now + timedelta(days=1)
-    rows = [row for store in options.stores(bigquery_test_client).values()
-            for row in store.read_held(start, end)]
+    rows = []
+    for label, store in options.stores(bigquery_test_client).items():
+        try:
+            rows.extend(store.read_held(start, end))
+        except google_exceptions.NotFound:
+            log.info("%s holds nothing yet (its table or dataset does not exist)", label)
     if rows:
         log.info("the stores hold %d rows of windows this job may revise; a window "
                  "without state will continue above their revisions", len(rows))

@@ -420,7 +420,7 @@ class ParseEvents(beam.PTransform):
         dead_letters = (
             parsed[DEAD_LETTER_TAG]
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "KeyByPayload" >> beam.WithKeys(lambda row: payload_digest(row["payload"])
-                                              ).with_output_types(Tuple[str, Any])  # noqa: UP006
+            | "KeyByPayload" >> beam.Map(lambda row: (payload_digest(row["payload"]), row)
+                                         ).with_output_types(Tuple[str, Any])  # noqa: UP006
             | "NumberCopies" >> beam.ParDo(NumberRepeatsFn()))
         return parsed["events"], dead_letters
