@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Exactly-once clickstream metrics on Apache Beam: early, on-time, late "
                 "and final panes with a retracting changelog.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
                                     "schemas", "runners", "runners.*"]),
     package_data={"schemas": ["*.avsc", "*.sql", "*.json"]},

@@ -11,28 +11,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricResults, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability import portable_runner
+from google.api_core import exceptions as google_exceptions
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.kafka import consumer_lag, expansion_service
 from pipeline.options import ClickstreamOptions, KafkaOptions
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricsConfig
-from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
+from transforms.retract import HeldRows, held_by_window
 from transforms.sources import ReadEventFiles, ReadEventMessages, ReadEventRecords
 
 log = logging.getLogger("clickstream")
-# Dead letters are written when the watermark passes their window. On a stream that
-# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
-# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
-# matches the source's re-bundling window (transforms/sources.py) and flushes them with
-# the last batch.
-STREAMING_DEAD_LETTER_WINDOW_S = 5
 # Checkpoint period of a Kafka run that gives none: how often offsets are committed,
 # hence how much a restart re-reads (the event_id dedup drops the re-reads).
 KAFKA_CHECKPOINT_INTERVAL_MS = 10_000
@@ -219,11 +216,36 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     # a streaming runner drops what they re-stamp behind its final watermark.
     bounded = bounded and not options.view_as(StandardOptions).streaming
     config = metrics_config(p, options, bounded)
+    held = None if bounded else held_at_launch(
+        options, config.allowed_lateness_s, datetime.now(UTC), bigquery_test_client)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
+        archive=options.raw_archive(bounded=bounded), held=held)
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
+
+
+def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: datetime,
+                   bigquery_test_client: Any = None) -> HeldRows:
+    """What the stores hold for the windows a streaming job can still revise (starting
+    from a day before now - allowed lateness), read once at launch.
+
+    A job launched with its state (a Flink savepoint, a Dataflow update) continues its
+    windows from that state and never looks here. One launched without it (drained
+    and relaunched, a savepoint forgotten) would restart their revisions at 1, below
+    what the stores hold, where the keyed writes drop them: with this it continues
+    above, retracts what the stores hold, and says so (transforms/retract.py)."""
+    start = now - timedelta(seconds=allowed_lateness_s, days=2)
+    end = now + timedelta(days=1)
+    rows = []
+    for label, store in options.stores(bigquery_test_client).items():
+        try:
+            rows.extend(store.read_held(start, end))
+        except google_exceptions.NotFound:
+            log.info("%s holds nothing yet (its table or dataset does not exist)", label)
+    if rows:
+        log.info("the stores hold %d rows of windows this job may revise; a window "
+                 "without state will continue above their revisions", len(rows))
+    return held_by_window(rows)
 
 
 def is_streaming(options: ClickstreamOptions) -> bool:
