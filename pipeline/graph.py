@@ -12,6 +12,7 @@ from transforms.freshness import MeasureWatermarkLag
 from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
+from transforms.pseudonymize import PrivacyPolicy
 from transforms.retract import RetractingChangelog
 
 
@@ -31,6 +32,7 @@ class ClickstreamMetrics(beam.PTransform):
     windowed MetricPanes with the runner's pane info, before the changelog stage
     re-derives their timing. `dead_letter_window_s`: identical dead payloads are
     numbered per window of this many seconds, and written when the watermark passes it.
+    `privacy` (pseudonyms, properties allow-list) applies at parse, before all else.
     """
 
     def __init__(self, config: MetricsConfig, dedup_buckets: int = DEFAULT_BUCKETS,
@@ -38,8 +40,10 @@ class ClickstreamMetrics(beam.PTransform):
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
                  dead_letter_window_s: int = 60,
-                 panes: beam.PTransform | None = None) -> None:
+                 panes: beam.PTransform | None = None,
+                 privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
+        self._privacy = privacy
         self._dead_letter_window_s = dead_letter_window_s
         self._config = config
         self._dedup_buckets = dedup_buckets
@@ -52,7 +56,7 @@ class ClickstreamMetrics(beam.PTransform):
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
-            self._clock, self._dead_letter_window_s)
+            self._clock, self._dead_letter_window_s, self._privacy)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup

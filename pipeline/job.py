@@ -145,7 +145,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
         archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
+        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S,
+        privacy=options.privacy_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
