@@ -24,6 +24,7 @@ from pipeline.job import build
 from pipeline.options import ClickstreamOptions
 from tests import servers
 from tests.fixtures_servers import bigquery_server, bigtable_emulator  # noqa: F401
+from tests.sent import sent_records
 from transforms.archive import archive_files, read_archive_records, rewrite_archive_file
 from transforms.metrics import DEFAULT_FUNNEL
 from transforms.pseudonymize import pseudonym
@@ -37,22 +38,6 @@ PROJECT, INSTANCE, TABLE = "test-project", "test-instance", "forget_latest"
 BQ_PROJECT, BQ_DATASET = "local", "forget"
 FORGOTTEN_AT = datetime(2026, 11, 9, 3, 0, tzinfo=UTC)
 EVERYTHING = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
-
-
-def _clear_records(data: str) -> list[dict]:
-    """Every JSON object of the input, as sent (the test's own reading, not the parser)."""
-    records = []
-    for name in sorted(os.listdir(data)):
-        if name.startswith("events-"):
-            with open(os.path.join(data, name), "rb") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict):
-                        records.append(record)
-    return records
 
 
 def _latest(rows) -> dict[oracle.MetricKey, int]:
@@ -88,7 +73,7 @@ def forgotten(bigtable_emulator, bigquery_server, tmp_path_factory):  # noqa: F8
     p.run().wait_until_finish()
 
     # The three heaviest signed-in users, and every device they used.
-    sent = _clear_records(data)
+    sent = sent_records(data)
     heaviest = [u for u, _ in Counter(r["user_id"] for r in sent
                                       if isinstance(r.get("user_id"), str)
                                       and r["user_id"]).most_common(3)]

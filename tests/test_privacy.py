@@ -7,7 +7,6 @@ archive holds no clear user or device id, and only allow-listed properties are s
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -17,6 +16,7 @@ from pipeline import oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.generator import GeneratorConfig, write_dataset
 from pipeline.job import run
+from tests.sent import sent_records
 from transforms.archive import archive_files, read_archive_records
 from transforms.events import Event
 from transforms.pseudonymize import (
@@ -82,20 +82,6 @@ def runs(tmp_path_factory):
     return data, out
 
 
-def _clear_input(data: str) -> list[dict]:
-    records = []
-    for path in sorted(glob.glob(os.path.join(data, "events-*.jsonl"))):
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-    return records
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["clear", "pseudonymized"])
 def test_metrics_equal_the_oracle_on_clear_data(runs, name) -> None:
@@ -136,7 +122,7 @@ def test_only_allowlisted_properties_are_archived_and_the_rest_counted(runs) -> 
     assert want_dropped > 0  # the generator sends app_version, which is not listed
     # Counted before dedup: duplicates' properties are dropped (and counted) as well.
     by_id = {r["event_id"] for r in clear}
-    sent = [r for r in _clear_input(data) if r.get("event_id") in by_id]
+    sent = [r for r in sent_records(data) if r.get("event_id") in by_id]
     assert summary.counters["properties_dropped"] >= want_dropped
     assert summary.counters["properties_dropped"] == sum(
         len(set(r.get("properties") or {}) - allowed) for r in sent

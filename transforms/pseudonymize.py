@@ -134,23 +134,24 @@ class Pseudonymizer:
         return self.of(value) if value else value
 
     def apply(self, events: Iterable[Event]) -> list[Event]:
-        out = []
-        key, allowed = self._key, self._allowed
-        for e in events:
-            properties = e.properties
+        # Unpacked and rebuilt positionally: NamedTuple._replace cost ~3x as much.
+        key, allowed, cache, of = self._key, self._allowed, self._cache, self.of
+        session = self._session
+        out: list[Event] = []
+        append = out.append
+        for (event_id, event_type, t, device, user, session_id, platform, properties,
+             attributes) in events:
             if allowed is not None and properties:
                 kept = {k: v for k, v in properties.items() if k in allowed}
                 self._dropped_n += len(properties) - len(kept)
                 properties = kept
             if key is not None:
-                e = e._replace(device_id=self.of(e.device_id),
-                               user_id=self._optional(e.user_id),
-                               session_id=self._session(e.session_id),
-                               properties=properties)
-            else:
-                e = e._replace(session_id=self._session(e.session_id),
-                               properties=properties)
-            out.append(e)
+                device = cache.get(device) or of(device)
+                # "" is no user (Event.identity falls back to the device): it stays "".
+                if user:
+                    user = cache.get(user) or of(user)
+            append(Event(event_id, event_type, t, device, user, session(session_id),
+                         platform, properties, attributes))
         return out
 
     def flush_counters(self) -> None:
