@@ -2,8 +2,8 @@
 
     ids ─► stored form (pseudonyms under the job's key) ─► archive files holding them
         ─► audit row "started" ─► rewrite those files without them (atomically, per file)
-        ─► purge dead letters carrying the clear id ─► re-finalize the affected days
-        ─► audit row "done"
+        ─► purge DuckDB dead letters carrying the clear id ─► re-finalize the affected
+        days ─► purge BigQuery dead letters ─► audit row "done"
 
 The archive is the source of truth, so once it no longer holds an identity's events,
 finalize (pipeline/finalize.py, reused as is) recomputes each affected day and writes a
@@ -41,6 +41,7 @@ from pipeline.options import ClickstreamOptions
 from transforms.archive import archive_files, read_archive_records, rewrite_archive_file
 from transforms.correct import utc_now
 from transforms.pseudonymize import pseudonym
+from transforms.sink_bigquery import DEAD_LETTER_TABLE
 from transforms.sink_duckdb import connect
 
 log = logging.getLogger("clickstream")
@@ -196,6 +197,35 @@ def refinalize(options: PipelineOptions, days: Sequence[str],
         p.run().wait_until_finish()
 
 
+def purge_bigquery_dead_letters(project: str, dataset: str, tokens: Sequence[bytes],
+                                client: Any = None) -> int:
+    """Deletes BigQuery dead letters whose payload contains a token. BigQuery refuses
+    DML on rows still in the streaming buffer (up to ~90 minutes after their insert):
+    that failure is reported with what to do, and the request stays `started`."""
+    from google.cloud import bigquery
+
+    if client is None:
+        client = bigquery.Client(project=project)
+    table = f"`{project}.{dataset}.{DEAD_LETTER_TABLE}`"
+    rows = client.query(f"SELECT dead_letter_id, payload FROM {table}").result()
+    doomed = [row["dead_letter_id"] for row in rows
+              if any(t in bytes(row["payload"]) for t in tokens)]
+    if doomed:
+        try:
+            client.query(f"DELETE FROM {table} WHERE dead_letter_id IN UNNEST(@ids)",
+                         job_config=bigquery.QueryJobConfig(query_parameters=[
+                             bigquery.ArrayQueryParameter("ids", "STRING", doomed)])).result()
+        except Exception as exc:
+            if "streaming buffer" not in str(exc).lower():
+                raise
+            raise SystemExit(
+                f"{len(doomed)} BigQuery dead letters carrying the ids are still in the "
+                "streaming buffer, where BigQuery refuses deletes: run the same forget "
+                "again in ~90 minutes (the archive and aggregates are already done)"
+            ) from exc
+    return len(doomed)
+
+
 def _audit(path: str, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
     con = connect(path)
     try:
@@ -249,6 +279,10 @@ def run_forget(argv: Sequence[str], clock: Callable[[], datetime] = utc_now,
         log.info("forget: re-finalizing %s", ", ".join(days))
         refinalize(options, days, clock, bigquery_test_client)
         summary.days_refinalized = days
+    bigquery_target = clickstream.bigquery_target()
+    if bigquery_target is not None:
+        summary.dead_letters_purged += purge_bigquery_dead_letters(
+            *bigquery_target, tokens, bigquery_test_client)
     _audit(audit_path, "UPDATE deletion_audit SET events_removed = ?, "
                        "dead_letters_purged = ?, status = 'done' WHERE request_id = ?",
            (summary.events_removed, summary.dead_letters_purged, summary.request_id))

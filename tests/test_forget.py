@@ -50,6 +50,12 @@ def _without_retracted(values: dict, want: dict) -> dict:
     return {k: v for k, v in values.items() if v != 0 or k in want}
 
 
+def _bigquery_dead_letters(client) -> list[bytes]:
+    rows = client.query(f"SELECT payload FROM `{BQ_PROJECT}.{BQ_DATASET}.dead_letter` "
+                        "ORDER BY dead_letter_id").result()
+    return [bytes(row["payload"]) for row in rows]
+
+
 def _archive_digest(archive: str) -> dict[str, str]:
     return {path: hashlib.sha256(open(path, "rb").read()).hexdigest()
             for path in archive_files(archive)}
@@ -59,7 +65,7 @@ def _archive_digest(archive: str) -> dict[str, str]:
 def forgotten(bigtable_emulator, bigquery_server, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("forget")
     data, archive, db = str(root / "data"), str(root / "archive"), str(root / "out.duckdb")
-    write_dataset(data, GeneratorConfig(events=2500, seed=17, date=DAY))
+    write_dataset(data, GeneratorConfig(events=1500, seed=17, date=DAY))
     (root / "key").write_bytes(KEY)
     client = servers.LocalBigQueryTestClient(bigquery_server, BQ_PROJECT)
     stores = ["--duckdb_path", db, "--bigtable_project", PROJECT, "--bigtable_instance",
@@ -82,6 +88,7 @@ def forgotten(bigtable_emulator, bigquery_server, tmp_path_factory):  # noqa: F8
         if r.get("user_id") in heaviest and isinstance(r.get("device_id"), str):
             devices[r["user_id"]].add(r["device_id"])
     dead_before = read_rows(db, "SELECT payload FROM dead_letter")
+    bigquery_dead_before = _bigquery_dead_letters(client)
 
     first = run_forget(["--user_id", heaviest[0],
                         *[f"--device_id={d}" for d in sorted(devices[heaviest[0]])],
@@ -107,13 +114,15 @@ def forgotten(bigtable_emulator, bigquery_server, tmp_path_factory):  # noqa: F8
                                                                *EVERYTHING, client=client)),
             "archive": _archive_digest(archive),
             "dead_letter": read_rows(db, "SELECT * FROM dead_letter ORDER BY ALL"),
+            "bigquery_dead_letter": _bigquery_dead_letters(client),
         }
 
     after = snapshot()
     again = run_forget(batch_argv, clock=lambda: FORGOTTEN_AT, bigquery_test_client=client)
     return dict(heaviest=heaviest, devices=devices, want=want, after=after,
                 after_again=snapshot(), first=first, second=second, again=again,
-                archive=archive, db=db, dead_before=dead_before)
+                archive=archive, db=db, dead_before=dead_before,
+                bigquery_dead_before=bigquery_dead_before)
 
 
 @pytest.mark.integration
@@ -137,13 +146,20 @@ def test_the_archive_holds_none_of_their_events(forgotten) -> None:
 
 @pytest.mark.integration
 def test_dead_letters_carrying_their_ids_are_purged(forgotten) -> None:
-    clear = [json.dumps(i).encode() for i in forgotten["heaviest"]]
+    clear = [json.dumps(i).encode() for i in forgotten["heaviest"]] + [
+        json.dumps(d).encode() for ds in forgotten["devices"].values() for d in ds]
     carrying = [p for (p,) in forgotten["dead_before"] if any(c in p for c in clear)]
     assert carrying, "the generator's malformed lines should include one of theirs"
     assert not [p for (_, p, *_) in forgotten["after"]["dead_letter"]
                 if any(c in p for c in clear)]
+    in_bigquery = [p for p in forgotten["bigquery_dead_before"] if any(c in p for c in clear)]
+    assert len(in_bigquery) == len(carrying)
+    assert not [p for p in forgotten["after"]["bigquery_dead_letter"]
+                if any(c in p for c in clear)]
+    assert len(forgotten["after"]["bigquery_dead_letter"]) == len(
+        forgotten["bigquery_dead_before"]) - len(in_bigquery)
     purged = forgotten["first"].dead_letters_purged + forgotten["second"].dead_letters_purged
-    assert purged >= len(carrying)
+    assert purged >= 2 * len(carrying)
 
 
 @pytest.mark.integration
