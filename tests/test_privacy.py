@@ -46,6 +46,23 @@ def test_short_keys_are_refused_with_what_to_do(tmp_path, monkeypatch) -> None:
     assert KeySource(env="CLICKSTREAM_TEST_KEY").load() == KEY
 
 
+def test_secret_manager_key_source_with_a_fake_client(monkeypatch) -> None:
+    # No Secret Manager emulator exists: this fakes the client, and checks only that the
+    # source asks for the named version and takes its payload as the key.
+    from google.cloud import secretmanager
+
+    asked = []
+
+    class FakeClient:
+        def access_secret_version(self, name: str):
+            asked.append(name)
+            return type("Response", (), {"payload": type("P", (), {"data": KEY + b"\n"})})
+
+    monkeypatch.setattr(secretmanager, "SecretManagerServiceClient", FakeClient)
+    name = "projects/p/secrets/clickstream-key/versions/3"
+    assert KeySource(secret=name).load() == KEY and asked == [name]
+
+
 def test_policy_keeps_empty_user_ids_empty_and_drops_unlisted_properties(tmp_path) -> None:
     (tmp_path / "key").write_bytes(KEY)
     bound = PrivacyPolicy(key=KeySource(file=str(tmp_path / "key")),
