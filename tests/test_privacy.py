@@ -76,6 +76,13 @@ def test_policy_keeps_empty_user_ids_empty_and_drops_unlisted_properties(tmp_pat
     assert out[0].properties == {"feature": "x"}
     # "" is "no user": the identity must stay the device, as in the clear run.
     assert out[1].user_id == "" and out[1].identity == "device:" + pseudonym(KEY, "d1")
+    # The per-worker HMAC (precomputed key states) equals the reference one, for
+    # short and long (pre-hashed, RFC 2104) keys alike.
+    (tmp_path / "long").write_bytes(KEY * 3)
+    long_key = PrivacyPolicy(key=KeySource(file=str(tmp_path / "long"))).bind()
+    for value in ("u1", "d" * 300, "é"):
+        assert long_key.of(value) == pseudonym(KEY * 3, value)
+        assert bound.of(value) == pseudonym(KEY, value)
     dropped = PrivacyPolicy(session_ids="drop").bind().apply([signed_in])[0]
     assert dropped.session_id is None and dropped.user_id == "u1"
 
