@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Exactly-once clickstream metrics on Apache Beam: early, on-time, late "
                 "and final panes with a retracting changelog.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
                                     "schemas", "runners", "runners.*"]),
     package_data={"schemas": ["*.avsc", "*.sql", "*.json"]},
@@ -17,6 +17,7 @@ setup(
         "duckdb>=1.1",
         "orjson>=3.9",
         "pyarrow>=14",
+        "confluent-kafka>=2.4",
     ],
     extras_require={
         "test": ["apache-beam[test]>=2.77.0,<2.78", "pytest>=8", "pytest-timeout>=2",

@@ -5,9 +5,9 @@ ComputeMetrics, RetractingChangelog, the sinks), so the two runs differ in one s
 only, bounded (benchmarks.measure) or streaming (`python -m benchmarks.baseline` takes
 `clickstream run`'s streaming flags; benchmarks.streaming). DeduplicatePerKey keeps a
 BagState and an event-time timer per event_id; its DoFn also declares a processing-time
-timer, which sends the whole bounded graph to the BundleBasedDirectRunner (DESIGN.md;
-a streaming job runs there anyway). That is measured as it is: it is the point of the
-baseline.
+timer, which sends the whole bounded graph to the BundleBasedDirectRunner
+(docs/design.md#processing-time-timers; a streaming job runs there anyway). That is
+measured as it is: it is the point of the baseline.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import cli, job
 from pipeline.options import ClickstreamOptions
+from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event
-from transforms.parse import METRICS_NAMESPACE
 
 # DeduplicatePerKey counts nothing: the baseline counts what enters and leaves it. The
 # graph's own dedup counts `unique` and `duplicates`; here duplicates are the difference.
@@ -119,12 +119,14 @@ def build_baseline(p: beam.Pipeline, options: ClickstreamOptions) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`clickstream run --input_subscription ...` with the baseline graph: the streaming
-    benchmark's baseline job (benchmarks/streaming.py), stopped by SIGTERM like it."""
+    """`clickstream run --input_subscription ...` (or `--kafka_bootstrap ...
+    --kafka_topic ...`) with the baseline graph: the streaming benchmarks' baseline job
+    (benchmarks/streaming.py, benchmarks/streaming_kafka.py), stopped by SIGTERM like it."""
     cli.configure_logging()
     options = PipelineOptions(list(sys.argv[1:] if argv is None else argv))
-    if not options.view_as(ClickstreamOptions).input_subscription:
-        raise SystemExit("the streaming baseline reads --input_subscription")
+    if not job.is_streaming(options.view_as(ClickstreamOptions)):
+        raise SystemExit("the streaming baseline reads --input_subscription or "
+                         "--kafka_topic")
     summary = job.run_streaming(options, graph=build_baseline)
     print(summary.render())
     return 0

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 
 from pipeline import oracle
+from schemas import GRANULARITY_MS
 from transforms.metrics import DEFAULT_FUNNEL
 
-DAY_MS = 86_400_000
+DAY_MS = GRANULARITY_MS["day"]
+HOUR_MS = GRANULARITY_MS["hour"]
 FEATURES = ("search", "share", "wishlist", "dark_mode", "voice", "compare")
 PLATFORMS = ("ios", "android", "web")
 PAGES = ("/", "/home", "/search", "/product", "/cart", "/account", "/deals", "/help")
@@ -44,6 +46,13 @@ class GeneratorConfig:
     late_days_rate: float = 0.01
     too_late_rate: float = 0.002  # arrives after the 3-day allowed lateness
     allowed_lateness_s: int = 3 * 86400
+    # Of the duplicates, the share a client re-stamps (a retry that stamps its own time,
+    # up to RESTAMP_MAX_MS later): same event_id, other bytes and event time, maybe
+    # another hour or day. The first copy, by arrival, is the event (oracle.first_copies).
+    restamp_rate: float = 0.0
+
+
+RESTAMP_MAX_MS = 10 * 60_000
 
 
 # (reason code the pipeline must give, builder of the bad payload)
@@ -154,6 +163,14 @@ class ClickstreamGenerator:
                 step += 1
             yield session
 
+    def _restamped(self, record: dict, event_time: int) -> bytes:
+        """The record as a retrying client resends it: stamped up to RESTAMP_MAX_MS
+        later. Never earlier: a bounded run keeps the earliest-stamped copy (it has no
+        arrival order), which is then also the first to arrive."""
+        later = event_time + self.rng.randint(1, RESTAMP_MAX_MS)
+        return json.dumps(dict(record, event_time=self._format_time(later)),
+                          separators=(",", ":")).encode()
+
     def _arrival_delay_ms(self) -> int:
         c, r = self.config, self.rng.random()
         if r < c.too_late_rate:
@@ -163,7 +180,7 @@ class ClickstreamGenerator:
         if r < c.too_late_rate + c.late_days_rate:
             return self.rng.randint(DAY_MS, 2 * DAY_MS)
         if r < c.too_late_rate + c.late_days_rate + c.late_hours_rate:
-            return self.rng.randint(3_600_000, 12 * 3_600_000)
+            return self.rng.randint(HOUR_MS, 12 * HOUR_MS)
         return self.rng.randint(200, 20_000)
 
     def generate(self) -> tuple[list[_Line], list[oracle.TruthEvent], Counter]:
@@ -202,8 +219,12 @@ class ClickstreamGenerator:
                     fields.get("feature"), arrival))
                 if rng.random() < c.duplicate_rate:
                     for _ in range(rng.choice((1, 1, 2))):
-                        redelivery = rng.choice((0, rng.randint(1, 3_600_000)))
-                        lines.append(_Line(arrival + redelivery, payload))
+                        redelivery = rng.choice((0, rng.randint(1, HOUR_MS)))
+                        copy = payload
+                        if c.restamp_rate and rng.random() < c.restamp_rate:
+                            redelivery += 1  # a retry comes after the original
+                            copy = self._restamped(record, event_time)
+                        lines.append(_Line(arrival + redelivery, copy))
         lines.sort(key=lambda line: line.arrival_ms)
         return lines, truth, reasons
 
@@ -233,12 +254,15 @@ LIVE_EVENT_TYPES = ("page_view", "page_view", "page_view", "add_to_cart", "check
 
 def live_event(n: int, now_ms: int, id_prefix: str = "live",
                event_types: Sequence[str] = LIVE_EVENT_TYPES,
-               timestamp_attribute: str = "event_time") -> tuple[bytes, dict[str, str]]:
+               timestamp_attribute: str = "event_time",
+               device_id: str = "") -> tuple[bytes, dict[str, str]]:
     """The n-th valid event of a live stream, happening at ``now_ms``, as a Pub/Sub
-    publisher sends it: (payload, attributes with the event time in epoch ms)."""
+    publisher sends it: (payload, attributes with the event time in epoch ms).
+    ``device_id``: the sending device (empty: one of 997 by n)."""
     event_type = event_types[n % len(event_types)]
     event = {"event_id": f"{id_prefix}-{n}", "event_type": event_type,
-             "event_time": now_ms, "device_id": f"d{n % 997}", "user_id": f"u{n % 997}",
+             "event_time": now_ms, "device_id": device_id or f"d{n % 997}",
+             "user_id": f"u{n % 997}",
              "session_id": f"s{n % 997}", "platform": "web",
              "properties": ({"feature": f"f{n % 5}"} if event_type == "feature_use"
                             else {"page": "/home"})}

@@ -13,7 +13,7 @@ from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
 from transforms.pseudonymize import PrivacyPolicy
-from transforms.retract import RetractingChangelog
+from transforms.retract import HeldRows, RetractingChangelog
 
 
 class ClickstreamMetrics(beam.PTransform):
@@ -30,8 +30,9 @@ class ClickstreamMetrics(beam.PTransform):
     late for their windows still land there; `too_late.hour` and `too_late.day` count
     the events the windowing drops. `panes` (e.g. a test's collector) gets the
     windowed MetricPanes with the runner's pane info, before the changelog stage
-    re-derives their timing. `dead_letter_window_s`: identical dead payloads are
-    numbered per window of this many seconds, and written when the watermark passes it.
+    re-derives their timing. `held`: what the sinks held at launch (a streaming job
+    relaunched without its state continues those windows above their revisions; see
+    transforms/retract.py and pipeline/job.py held_at_launch).
     `privacy` (pseudonyms, properties allow-list) applies at parse, before all else.
     """
 
@@ -39,12 +40,12 @@ class ClickstreamMetrics(beam.PTransform):
                  clock: Callable[[], float] = time.time,
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
-                 dead_letter_window_s: int = 60,
                  panes: beam.PTransform | None = None,
+                 held: HeldRows | None = None,
                  privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
+        self._held = held
         self._privacy = privacy
-        self._dead_letter_window_s = dead_letter_window_s
         self._config = config
         self._dedup_buckets = dedup_buckets
         self._clock = clock
@@ -56,7 +57,7 @@ class ClickstreamMetrics(beam.PTransform):
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
-            self._clock, self._dead_letter_window_s, self._privacy)
+            self._clock, self._privacy)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
@@ -69,8 +70,8 @@ class ClickstreamMetrics(beam.PTransform):
         panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
         if self._panes is not None:
             panes | "Panes" >> self._panes
-        changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
-                                                             bounded=config.bounded)
+        changelog = panes | "Retract" >> RetractingChangelog(
+            config.allowed_lateness_s, bounded=config.bounded, held=self._held)
         return changelog, dead_letters
 
 

@@ -11,26 +11,50 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.metrics.metric import MetricResults, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability import portable_runner
+from google.api_core import exceptions as google_exceptions
 
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
-from pipeline.options import ClickstreamOptions
+from pipeline.kafka import consumer_lag, expansion_service
+from pipeline.options import ClickstreamOptions, KafkaOptions
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricsConfig
-from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
-from transforms.sources import ReadEventFiles, ReadEventMessages
+from transforms.retract import HeldRows, held_by_window
+from transforms.sources import ReadEventFiles, ReadEventMessages, ReadEventRecords
 
 log = logging.getLogger("clickstream")
-# Dead letters are written when the watermark passes their window. On a stream that
-# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
-# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
-# matches the source's re-bundling window (transforms/sources.py) and flushes them with
-# the last batch.
-STREAMING_DEAD_LETTER_WINDOW_S = 5
+# Checkpoint period of a Kafka run that gives none: how often offsets are committed,
+# hence how much a restart re-reads (the event_id dedup drops the re-reads).
+KAFKA_CHECKPOINT_INTERVAL_MS = 10_000
+
+
+@dataclass(frozen=True)
+class SinkTally:
+    """What reached the DuckDB sink: the reconciliation where the runner returns no
+    counters. Unique valid events counted in day windows, dead letters by reason."""
+
+    counted: int
+    dead_letter_by_reason: dict[str, int]
+
+    @property
+    def dead_letter(self) -> int:
+        return sum(self.dead_letter_by_reason.values())
+
+    @classmethod
+    def from_duckdb(cls, path: str) -> SinkTally:
+        from transforms.sink_duckdb import read_rows
+
+        counted = read_rows(path, "SELECT coalesce(sum(value), 0) FROM metric_latest "
+                                  "WHERE metric = 'events' AND granularity = 'day'")[0][0]
+        reasons = read_rows(path, "SELECT reason, count(*) FROM dead_letter GROUP BY 1")
+        return cls(int(counted), {str(r): int(n) for r, n in reasons})
 
 
 @dataclass
@@ -38,32 +62,56 @@ class RunSummary:
     counters: dict[str, int]
     elapsed_s: float
     state: str
+    # Filled where the runner returned no counters and the run wrote a DuckDB file.
+    sink: SinkTally | None = None
 
     @property
     def read(self) -> int:
         return self.counters.get("read", 0)
 
     @property
+    def counters_available(self) -> bool:
+        """Whether the runner returned the job's counters. A run that read anything
+        counts `read`; none at all means the runner gave nothing back (Flink's job
+        service has no metrics for a job it did not see finish)."""
+        return "read" in self.counters
+
+    @property
     def reconciles(self) -> bool:
+        """read = unique + duplicates + dead letter, by the job's own counters; False
+        when there are none (then the sink tally is what there is)."""
         c = self.counters
-        return c.get("read", 0) == (c.get("unique", 0) + c.get("duplicates", 0)
-                                    + c.get("dead_letter", 0))
+        return self.counters_available and c["read"] == (
+            c.get("unique", 0) + c.get("duplicates", 0) + c.get("dead_letter", 0))
 
     def render(self) -> str:
         c = self.counters
-        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
-        lines = [
-            f"pipeline state: {self.state}",
-            f"read {c.get('read', 0):,} = unique valid {c.get('unique', 0):,}"
-            f" + duplicates {c.get('duplicates', 0):,}"
-            f" + dead letter {c.get('dead_letter', 0):,}"
-            f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]",
-        ]
-        reasons = {k.split(".", 1)[1]: v for k, v in c.items()
-                   if k.startswith("dead_letter.")}
+        lines = [f"pipeline state: {self.state}"]
+        if self.counters_available:
+            lines.append(
+                f"read {c['read']:,} = unique valid {c.get('unique', 0):,}"
+                f" + duplicates {c.get('duplicates', 0):,}"
+                f" + dead letter {c.get('dead_letter', 0):,}"
+                f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]")
+            reasons = {k.split(".", 1)[1]: v for k, v in c.items()
+                       if k.startswith("dead_letter.")}
+        else:
+            lines.append("counters unavailable on this runner (it returned no Beam "
+                         "metrics for this job), so nothing reconciles by counters")
+            reasons = self.sink.dead_letter_by_reason if self.sink else {}
+            if self.sink:
+                lines.append(f"from the sink: {self.sink.counted:,} unique valid events "
+                             f"counted in day windows, {self.sink.dead_letter:,} dead "
+                             "letters (duplicates and events too late for their windows "
+                             "are not in the sink)")
+            else:
+                lines.append("no DuckDB sink to reconcile from: check the stores")
         if reasons:
             lines.append("dead letter by reason: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(reasons.items())))
+        if not self.counters_available:
+            lines.append(f"elapsed {self.elapsed_s:.1f} s")
+            return "\n".join(lines)
         if "archive_events" in c:
             lines.append(f"raw archive: {c['archive_events']:,} events in "
                          f"{c.get('archive_files', 0):,} files")
@@ -74,12 +122,33 @@ class RunSummary:
         lines.append(f"changelog rows: {c.get('changelog_revisions', 0):,} revisions, "
                      f"{c.get('changelog_retractions', 0):,} retractions, "
                      f"{c.get('windows_finalized', 0):,} windows final")
+        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
         lines.append(f"elapsed {self.elapsed_s:.1f} s, {rate:,.0f} events/s")
         return "\n".join(lines)
 
 
+def summarize(result: beam.runners.runner.PipelineResult, elapsed_s: float, state: str,
+              options: ClickstreamOptions) -> RunSummary:
+    """The run's summary: its counters, or where the runner returned none, the tally of
+    what reached the DuckDB sink."""
+    counters = counters_of(result)
+    summary = RunSummary(counters, elapsed_s, state)
+    if not summary.counters_available and options.duckdb_path:
+        summary.sink = SinkTally.from_duckdb(options.duckdb_path)
+    return summary
+
+
+def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
+    # Beam's portable PipelineResult keeps its first GetJobMetrics answer for good; the
+    # progress line asks while the job runs, and Flink's job service answers with the
+    # job's metrics only once the job has finished. So ask again every time.
+    if isinstance(result, portable_runner.PipelineResult):
+        result._metrics = None
+    return result.metrics()
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
-    return result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
 
 def _counters(query: dict[str, list]) -> dict[str, int]:
@@ -141,28 +210,61 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     endpoint option; see transforms/sink_bigquery.py). ``dedup``: benchmarks only, makes
     the dedup stage from the run's metrics config (benchmarks/baseline.py)."""
     payloads, bounded = read_payloads(p, options)
+    # Files read by a streaming job (Flink streaming, with checkpoints) are unbounded for
+    # the graph: its bounded shortcuts (group once in the global window, re-stamp to
+    # event times after) are right only where the runner groups everything at the end;
+    # a streaming runner drops what they re-stamp behind its final watermark.
+    bounded = bounded and not options.view_as(StandardOptions).streaming
     config = metrics_config(p, options, bounded)
+    held = None if bounded else held_at_launch(
+        options, config.allowed_lateness_s, datetime.now(UTC), bigquery_test_client)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S,
+        archive=options.raw_archive(bounded=bounded), held=held,
         privacy=options.privacy_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
+def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: datetime,
+                   bigquery_test_client: Any = None) -> HeldRows:
+    """What the stores hold for the windows a streaming job can still revise (starting
+    from a day before now - allowed lateness), read once at launch.
+
+    A job launched with its state (a Flink savepoint, a Dataflow update) continues its
+    windows from that state and never looks here. One launched without it (drained
+    and relaunched, a savepoint forgotten) would restart their revisions at 1, below
+    what the stores hold, where the keyed writes drop them: with this it continues
+    above, retracts what the stores hold, and says so (transforms/retract.py)."""
+    start = now - timedelta(seconds=allowed_lateness_s, days=2)
+    end = now + timedelta(days=1)
+    rows = []
+    for label, store in options.stores(bigquery_test_client).items():
+        try:
+            rows.extend(store.read_held(start, end))
+        except google_exceptions.NotFound:
+            log.info("%s holds nothing yet (its table or dataset does not exist)", label)
+    if rows:
+        log.info("the stores hold %d rows of windows this job may revise; a window "
+                 "without state will continue above their revisions", len(rows))
+    return held_by_window(rows)
+
+
 def is_streaming(options: ClickstreamOptions) -> bool:
-    """Whether the source flags ask for a streaming job (--input_subscription) or a
-    bounded one (--input_files); exactly one of the two must be given."""
-    if options.input_subscription:
-        if options.input_files:
-            raise SystemExit("give --input_files (bounded) or --input_subscription "
-                             "(streaming), not both")
-        return True
-    if not options.input_files:
+    """Whether the source flags ask for a streaming job (--input_subscription, or
+    --kafka_bootstrap with --kafka_topic) or a bounded one (--input_files); exactly one
+    source must be given."""
+    given = [flag for flag, on in (
+        ("--input_files", options.input_files),
+        ("--input_subscription", options.input_subscription),
+        ("--kafka_topic", options.view_as(KafkaOptions).validate_kafka())) if on]
+    if len(given) > 1:
+        raise SystemExit(f"give one source: {' or '.join(given)}, not both")
+    if not given:
         raise SystemExit("--input_files is required for a bounded run "
                          "(generate some with: clickstream generate --out DIR), or give "
-                         "--input_subscription for a streaming one")
-    return False
+                         "--input_subscription or --kafka_bootstrap with --kafka_topic "
+                         "for a streaming one")
+    return given[0] != "--input_files"
 
 
 def select_mode(options: PipelineOptions) -> bool:
@@ -170,8 +272,9 @@ def select_mode(options: PipelineOptions) -> bool:
     --input_subscription, False for --input_files (both or neither: SystemExit).
 
     A streaming job without ``--runner`` gets the BundleBasedDirectRunner: the
-    DirectRunner would first try to download Prism (DESIGN.md) and then fall back to that
-    runner for a streaming job anyway. ``clickstream run`` and the flex template launcher
+    DirectRunner would first try to download Prism
+    (docs/design.md#directrunner-picks-prism-first) and then fall back to that runner for a
+    streaming job anyway. ``clickstream run`` and the flex template launcher
     both start here, so a launched job is set up as ``clickstream run`` sets it up; what
     depends on the runner (id_label only where honoured, the late trigger on the
     DirectRunner) is decided inside ``build``.
@@ -179,19 +282,43 @@ def select_mode(options: PipelineOptions) -> bool:
     streaming = is_streaming(options.view_as(ClickstreamOptions))
     standard = options.view_as(StandardOptions)
     standard.streaming = streaming
-    if streaming and not standard.runner:
+    if options.view_as(KafkaOptions).kafka_topic:
+        _kafka_defaults(options)
+    elif streaming and not standard.runner:
         standard.runner = "BundleBasedDirectRunner"
     return streaming
+
+
+def _kafka_defaults(options: PipelineOptions) -> None:
+    """A Kafka run is a FlinkRunner run (the cross-language read needs a portable runner
+    with a Java environment) that checkpoints: offsets are committed only as
+    checkpoints complete, so without checkpoints the group would never advance."""
+    from runners.flink import FlinkCheckpointOptions
+
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "FlinkRunner"
+    checkpoints = options.view_as(FlinkCheckpointOptions)
+    if checkpoints.checkpointing_interval is None:
+        checkpoints.checkpointing_interval = KAFKA_CHECKPOINT_INTERVAL_MS
 
 
 def read_payloads(p: beam.Pipeline, options: ClickstreamOptions
                   ) -> tuple[beam.PCollection, bool]:
     """The source the flags choose: (raw payloads, whether they are bounded)."""
     if is_streaming(options):
+        kafka = options.view_as(KafkaOptions)
+        source: beam.PTransform
+        if kafka.kafka_topic:
+            source = ReadEventRecords(kafka.kafka_bootstrap, kafka.kafka_topic,
+                                      kafka.kafka_group, kafka.kafka_expansion_service)
+            label = "ReadRecords"
+        else:
+            source = ReadEventMessages(options.input_subscription,
+                                       options.timestamp_attribute, options.id_label)
+            label = "ReadMessages"
         payloads = (p
-                    | "ReadMessages" >> ReadEventMessages(
-                        options.input_subscription, options.timestamp_attribute,
-                        options.id_label)
+                    | label >> source
                     | "Progress" >> LogProgress("messages read", every=10_000))
         return payloads, False
     # The file reader logs progress itself (no pass-through step per record).
@@ -207,9 +334,10 @@ def metrics_config(p: beam.Pipeline, options: ClickstreamOptions,
     if "DirectRunner" in runner and config.late_firing_s > 0:
         # The BundleBasedDirectRunner (where the DirectRunner runs a streaming job) stalls
         # on a processing-time late trigger ("Monitor task detected a pipeline stall",
-        # DESIGN.md), as replay does: late panes fire per late bundle instead. With the
-        # Pub/Sub source's wall-clock watermark, data older than its window's end is late
-        # from the first message, so late panes are most of what this runner emits.
+        # docs/design.md#late-trigger-stall), as replay does: late panes fire per late
+        # bundle instead. With the Pub/Sub source's wall-clock watermark, data older than
+        # its window's end is late from the first message, so late panes are most of what
+        # this runner emits.
         log.warning("streaming on the %s: using --late_firing_s 0 (a late pane per late "
                     "bundle); a processing-time late trigger stalls this runner", runner)
         config = dataclasses.replace(config, late_firing_s=0)
@@ -221,10 +349,15 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
     while not stop.wait(every_s):
         try:
             query = _query(result)  # one metrics query a line
-            read, lag_s = _counters(query).get("read", 0), _watermark_lag(query)
+            counters, lag_s = _counters(query), _watermark_lag(query)
         except Exception:
             continue
         elapsed = time.monotonic() - started
+        if "read" not in counters and lag_s is None:
+            log.info("progress: %s s, job %s (this runner reports no counters while the "
+                     "job runs)", f"{elapsed:.0f}", result.state)
+            continue
+        read = counters.get("read", 0)
         log.info("progress: %s s, %s events read (%s/s)%s", f"{elapsed:.0f}", f"{read:,}",
                  f"{read / elapsed:,.0f}",
                  "" if lag_s is None else f", watermark lag {lag_s:,} s")
@@ -249,7 +382,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             state = result.wait_until_finish()
         finally:
             stop.set()
-    return RunSummary(counters_of(result), time.monotonic() - started, str(state))
+    return summarize(result, time.monotonic() - started, str(state), clickstream)
 
 
 def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> None:
@@ -263,7 +396,9 @@ def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> Non
             counters = counters_of(result)
         except Exception:
             counters = {}
-        if RunSummary(counters, 0.0, "").reconciles and counters == previous:
+        # No counters at all: the runner returns none while the job runs (Flink).
+        stable = counters == previous
+        if stable and (not counters or RunSummary(counters, 0.0, "").reconciles):
             return
         previous = counters
         time.sleep(0.5)
@@ -278,19 +413,31 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
     normal end of a run, not an error. ``graph`` builds the job (benchmarks swap the
     dedup stage through it)."""
     if not select_mode(options):
-        raise SystemExit("a streaming run reads --input_subscription")
+        raise SystemExit("a streaming run reads --input_subscription or --kafka_topic")
     clickstream = options.view_as(ClickstreamOptions)
+    kafka = options.view_as(KafkaOptions)
     stop = stop or threading.Event()
     reason: list[str] = []
     previous_handlers = _stop_on_signals(stop, reason)
     started = time.monotonic()
+    resources = contextlib.ExitStack()
     try:
+        if kafka.kafka_topic and not kafka.kafka_expansion_service:
+            kafka.kafka_expansion_service = resources.enter_context(
+                expansion_service(_job_server_jar(options)))
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
-        log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
-                 clickstream.input_subscription,
-                 f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "")
+        source = (f"Kafka topic {kafka.kafka_topic} at {kafka.kafka_bootstrap}"
+                  if kafka.kafka_topic else clickstream.input_subscription)
+        log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s%s", source,
+                 f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "",
+                 f" (or once drained and idle for {kafka.stop_when_idle_s} s)"
+                 if kafka.stop_when_idle_s else "")
+        if kafka.stop_when_idle_s:
+            idle = threading.Thread(target=_stop_when_drained,
+                                    args=(kafka, stop, reason), daemon=True)
+            idle.start()
         failure: list[BaseException] = []
         waiter = threading.Thread(target=_wait_for, args=(result, stop, failure),
                                   daemon=True)
@@ -319,9 +466,49 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         state = str(result.state)
     finally:
         stop.set()
+        resources.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return RunSummary(counters_of(result), time.monotonic() - started, state)
+    return summarize(result, time.monotonic() - started, state, clickstream)
+
+
+def _job_server_jar(options: PipelineOptions) -> str:
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    jar = options.view_as(FlinkRunnerOptions).flink_job_server_jar
+    if not jar:
+        raise SystemExit("a Kafka run needs --flink_job_server_jar (Beam's Flink job "
+                         "server jar built with KafkaIO: it also serves the Kafka "
+                         "expansion) or --kafka_expansion_service HOST:PORT")
+    return str(jar)
+
+
+def _stop_when_drained(kafka: KafkaOptions, stop: threading.Event, reason: list[str],
+                       every_s: float = 1.0) -> None:
+    """Set `stop` once the group's committed offsets reached the end of every partition
+    and neither moved for --stop_when_idle_s. Offsets are committed as checkpoints
+    complete, so by then every record has passed every stage once; the idle time lets
+    the watermark-driven panes (on-time, final) that follow reach the sinks."""
+    idle_since: float | None = None
+    last: list[tuple[int, int | None]] | None = None
+    while not stop.wait(every_s):
+        try:
+            lags = consumer_lag(kafka.kafka_bootstrap, kafka.kafka_topic, kafka.kafka_group)
+        except Exception as exc:  # a broker hiccup: try again next period
+            log.warning("consumer lag probe failed: %s", exc)
+            continue
+        now = [(lag.end_offset, lag.committed) for lag in lags]
+        drained = bool(lags) and all(lag.lag == 0 for lag in lags)
+        if not drained or now != last:
+            idle_since = time.monotonic() if drained else None
+            last = now
+            continue
+        if idle_since is not None and time.monotonic() - idle_since >= kafka.stop_when_idle_s:
+            reason.append(f"drained {kafka.kafka_topic} ({sum(e for e, _ in now):,} "
+                          f"records committed by group {kafka.kafka_group}) and idle for "
+                          f"{kafka.stop_when_idle_s} s")
+            stop.set()
+            return
 
 
 def _wait_for(result: beam.runners.runner.PipelineResult, stop: threading.Event,

@@ -13,6 +13,12 @@ from importlib import resources
 from typing import Any, TypedDict
 
 GRANULARITIES = ("hour", "day")
+# The output contract's fixed UTC windows, per granularity.
+GRANULARITY_SECONDS = {"hour": 3600, "day": 86400}
+GRANULARITY_MS = {g: s * 1000 for g, s in GRANULARITY_SECONDS.items()}
+# The Beam metrics namespace of every counter the job reports (read by the CLI, the
+# job's summary and the benchmarks).
+METRICS_NAMESPACE = "clickstream"
 TIMINGS = ("EARLY", "ON_TIME", "LATE", "BATCH")
 # BATCH: a revision written by the daily finalize job (recomputed from the raw archive),
 # not by a streaming pane.

@@ -46,10 +46,10 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import GRANULARITY_MS, METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event, decode_events, encode_events
 
-METRICS_NAMESPACE = "clickstream"
 ARCHIVE_GLOB = "event_date=*/event_hour=*/*.avro"
 DEFAULT_FILE_BUCKETS = 8
 DEFAULT_FLUSH_S = 60
@@ -158,7 +158,7 @@ class BatchByDestinationFn(beam.DoFn):
 
     def process(self, unique: EventBatch) -> Iterable[WindowedValue]:
         for event in unique:
-            hour = event.event_time_ms // 3_600_000
+            hour = event.event_time_ms // GRANULARITY_MS["hour"]
             partition = self._partitions.get(hour)
             if partition is None:
                 if len(self._partitions) > 10_000:

@@ -29,10 +29,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricPane
 from transforms.retract import final_revision_of, retraction_of
-
-METRICS_NAMESPACE = "clickstream"
 
 WindowKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO, UTC)
 

@@ -21,11 +21,12 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import GRANULARITY_SECONDS
 from transforms.batching import EventBatch
 from transforms.distinct import DEFAULT_LG_K, distinct_count_fn
 from transforms.events import Event
 from transforms.funnel import FunnelFn, funnel_dims
-from transforms.windowing import GRANULARITY_SECONDS, WindowByGranularity
+from transforms.windowing import WindowByGranularity
 
 DEFAULT_FUNNEL = ("page_view", "add_to_cart", "checkout", "purchase")
 FEATURE_EVENT_TYPE = "feature_use"

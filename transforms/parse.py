@@ -13,21 +13,25 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple
 
 import apache_beam as beam
 import orjson
+from apache_beam.coders import TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.timestamp import MAX_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, in_global_window
 from transforms.events import Event, EventBatch
 from transforms.pseudonymize import PrivacyPolicy
 from transforms.runtime import relax_gc
 
-METRICS_NAMESPACE = "clickstream"
 DEAD_LETTER_TAG = "dead_letter"
 
 
@@ -303,11 +307,14 @@ def decode(payload: bytes, rules: EventRules, now_ms: int) -> Event:
     return event if event is not None else validate(record, rules, now_ms)
 
 
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
 def dead_letter_row(payload: bytes, reason: str, detail: str,
-                    ingest_time: datetime, occurrence: int = 0) -> schemas.DeadLetterRow:
-    digest = hashlib.sha256(payload).hexdigest()[:32]
+                    ingest_time: datetime, occurrence: str = "0") -> schemas.DeadLetterRow:
     return {
-        "dead_letter_id": f"{digest}-{occurrence}",
+        "dead_letter_id": f"{payload_digest(payload)}-{occurrence}",
         "payload": payload,
         "reason": reason,
         "detail": detail,
@@ -400,15 +407,41 @@ class ParseEventFn(beam.DoFn):
         return counter
 
 
-class NumberDuplicatePayloads(beam.DoFn):
-    """Gives identical dead payloads ids -0, -1, ... so re-runs write the same rows."""
+class NumberRepeatsFn(beam.DoFn):
+    """Per payload digest, in the global window: numbers each copy of a dead payload as it
+    arrives, so every copy is its own row, whenever it comes and whatever its timestamp.
 
-    def process(self, keyed: tuple[str, Iterable[schemas.DeadLetterRow]]
-                ) -> Iterable[schemas.DeadLetterRow]:
-        _, rows = keyed
-        for occurrence, row in enumerate(sorted(rows, key=lambda r: r["reason"])):
-            yield dead_letter_row(row["payload"], row["reason"], row["detail"],
-                                  row["ingest_time"], occurrence)
+    Nothing is windowed, so nothing is dropped as late (an offline device's malformed
+    event stamped with its old event time included). The id is digest-generation-n:
+    n counts this payload's copies; the generation (the first copy's timestamp in ms, 0
+    before 1970: a bounded input's lines) starts again once the state is forgotten,
+    MEMORY_S of event time after the last copy, so a later copy never reuses a stored
+    id. A runner that retries the bundle (or re-reads a message whose bundle never
+    committed) replays it against the committed count: the same ids again, which the
+    sinks' keyed writes store once. docs/correctness.md says how a redelivery is told
+    from a true repeat.
+    """
+
+    MEMORY_S = 86_400
+    COPIES = ReadModifyWriteStateSpec("copies", TupleCoder((VarIntCoder(), VarIntCoder())))
+    FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
+
+    def process(self, keyed: tuple[str, schemas.DeadLetterRow],
+                timestamp=beam.DoFn.TimestampParam,
+                copies=beam.DoFn.StateParam(COPIES),
+                forget=beam.DoFn.TimerParam(FORGET)) -> Iterable[schemas.DeadLetterRow]:
+        _, row = keyed
+        held = copies.read()
+        generation, n = held if held is not None else (max(timestamp.micros // 1000, 0), 0)
+        copies.write((generation, n + 1))
+        if timestamp < MAX_TIMESTAMP - self.MEMORY_S:
+            forget.set(timestamp + self.MEMORY_S)
+        yield dead_letter_row(row["payload"], row["reason"], row["detail"],
+                              row["ingest_time"], f"{generation}-{n}")
+
+    @on_timer(FORGET)
+    def forget_payload(self, copies=beam.DoFn.StateParam(COPIES)) -> None:
+        copies.clear()
 
 
 class ParseEvents(beam.PTransform):
@@ -416,11 +449,9 @@ class ParseEvents(beam.PTransform):
     dead-letter rows with stable ids)."""
 
     def __init__(self, clock: Callable[[], float] = time.time,
-                 dead_letter_window_s: int = 60,
                  privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
         self._clock = clock
-        self._dead_letter_window_s = dead_letter_window_s
         self._privacy = privacy
 
     def expand(self, payloads: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
@@ -430,10 +461,8 @@ class ParseEvents(beam.PTransform):
         parsed["events"].element_type = EventBatch
         dead_letters = (
             parsed[DEAD_LETTER_TAG]
-            | "WindowDeadLetters" >> beam.WindowInto(
-                FixedWindows(self._dead_letter_window_s))
-            | "KeyByPayload" >> beam.WithKeys(lambda row: row["dead_letter_id"])
-            | "GroupSamePayload" >> beam.GroupByKey()
-            | "NumberCopies" >> beam.ParDo(NumberDuplicatePayloads())
-            | "BackToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "KeyByPayload" >> beam.Map(lambda row: (payload_digest(row["payload"]), row)
+                                         ).with_output_types(Tuple[str, Any])  # noqa: UP006
+            | "NumberCopies" >> beam.ParDo(NumberRepeatsFn()))
         return parsed["events"], dead_letters

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from apache_beam.metrics import Metrics
 
+from schemas import METRICS_NAMESPACE
 from transforms.events import Event
 
-METRICS_NAMESPACE = "clickstream"
 PSEUDONYM_HEX_DIGITS = 32  # 128 of HMAC-SHA-256's 256 bits
 MIN_KEY_BYTES = 32  # a shorter key is guessable faster than the HMAC is breakable
 KEY_ENV_DEFAULT = "CLICKSTREAM_PSEUDONYMIZE_KEY"

@@ -71,10 +71,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import retry
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
 log = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "clickstream"
 CHANGELOG_TABLE = "metric_changelog"
 DEAD_LETTER_TABLE = "dead_letter"
 LATEST_VIEW = "metric_latest"

@@ -71,6 +71,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
 _SPEC = json.loads(schemas.read_text("bigtable.json"))
 FAMILY = next(iter(_SPEC["column_families"]))
@@ -171,7 +172,6 @@ def ensure_table(project: str, instance: str, table: str) -> None:
         tbl.column_family(FAMILY, gc_rule=_gc_rule()).update()
 
 
-METRICS_NAMESPACE = "clickstream"
 
 
 class _ToDirectRowFn(beam.DoFn):

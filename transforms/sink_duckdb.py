@@ -23,8 +23,8 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
-METRICS_NAMESPACE = "clickstream"
 LOCK_RETRY_SECONDS = 120.0
 # DuckDB's Python client fails with concurrent connections to one file from several
 # threads of a process (catalog write-write conflict on CREATE, "python_arrow_scan does
