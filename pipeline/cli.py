@@ -1,5 +1,6 @@
 """`clickstream`: run the job, generate data, replay or publish a stream, put live load on
-Kafka, finalize a day, print a report, query a metric's series."""
+Kafka, finalize a day, print a report, query a metric's series, forget an identity, apply
+retention."""
 
 from __future__ import annotations
 
@@ -51,6 +52,20 @@ def _finalize(argv: Sequence[str]) -> int:
     summary = run_finalize(argv)
     print(summary.render())
     print_day_revisions(_duckdb_path(argv), summary.day)
+    return 0
+
+
+def _forget(argv: Sequence[str]) -> int:
+    from pipeline.forget import run_forget
+
+    print(run_forget(argv).render())
+    return 0
+
+
+def _retention(argv: Sequence[str]) -> int:
+    from pipeline.retention import run_retention
+
+    print(run_retention(argv).render())
     return 0
 
 
@@ -117,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
               "[--distinct exact]  recompute a day from the raw archive, correct the "
               "sinks, mark it final\n"
+              "  forget   --user_id U [--device_id D] | --ids_file F  --archive_path BASE "
+              "--duckdb_path FILE [store flags] [--pseudonymize_key_file K]  remove an "
+              "identity's events from the archive, dead letters and (re-finalized) "
+              "aggregates; logged in deletion_audit\n"
+              "  retention --retention_days N [--aggregate_retention_days M] "
+              "--archive_path BASE --duckdb_path FILE [store flags]  delete expired raw "
+              "partitions, dead letters and aggregates\n"
               "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] "
               "[--too_late_rate R]\n"
               "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
@@ -128,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "Run `clickstream run --help` for every pipeline option.")
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("run", "replay", "finalize"):
+    if command in ("run", "replay", "finalize", "forget"):
         # FlinkRunner: use the cached job server jar, or refuse with what to fetch, before
         # Beam tries to download it; importing runners.flink also declares the Flink
         # checkpointing options so they reach the job server.
@@ -182,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load_main(rest)
     if command == "finalize":
         return _finalize(rest)
+    if command == "forget":
+        return _forget(rest)
+    if command == "retention":
+        return _retention(rest)
     if command == "report":
         from pipeline.report import print_report
 

@@ -12,6 +12,7 @@ from transforms.freshness import MeasureWatermarkLag
 from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
+from transforms.pseudonymize import PrivacyPolicy
 from transforms.retract import HeldRows, RetractingChangelog
 
 
@@ -32,6 +33,7 @@ class ClickstreamMetrics(beam.PTransform):
     re-derives their timing. `held`: what the sinks held at launch (a streaming job
     relaunched without its state continues those windows above their revisions; see
     transforms/retract.py and pipeline/job.py held_at_launch).
+    `privacy` (pseudonyms, properties allow-list) applies at parse, before all else.
     """
 
     def __init__(self, config: MetricsConfig, dedup_buckets: int = DEFAULT_BUCKETS,
@@ -39,9 +41,11 @@ class ClickstreamMetrics(beam.PTransform):
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
                  panes: beam.PTransform | None = None,
-                 held: HeldRows | None = None) -> None:
+                 held: HeldRows | None = None,
+                 privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
         self._held = held
+        self._privacy = privacy
         self._config = config
         self._dedup_buckets = dedup_buckets
         self._clock = clock
@@ -52,7 +56,8 @@ class ClickstreamMetrics(beam.PTransform):
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
-        events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(self._clock)
+        events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
+            self._clock, self._privacy)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup

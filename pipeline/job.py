@@ -220,7 +220,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
         options, config.allowed_lateness_s, datetime.now(UTC), bigquery_test_client)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded), held=held)
+        archive=options.raw_archive(bounded=bounded), held=held,
+        privacy=options.privacy_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 

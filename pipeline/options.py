@@ -14,6 +14,12 @@ from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
+from transforms.pseudonymize import (
+    KEY_ENV_DEFAULT,
+    SESSION_ID_POLICIES,
+    KeySource,
+    PrivacyPolicy,
+)
 from transforms.sink_bigquery import WriteChangelogToBigQuery, read_latest_rows_from_bigquery
 from transforms.sink_bigtable import (
     WriteChangelogToBigtable,
@@ -77,6 +83,11 @@ class ClickstreamOptions(PipelineOptions):
                                 "late pane (0: a pane per late bundle).")
         group.add_argument("--funnel_steps", default=",".join(DEFAULT_FUNNEL),
                            help="Comma-separated event types of the funnel, in order.")
+        group.add_argument("--events_dimensions", default="",
+                           help="Comma-separated fields of schemas/event.avsc (e.g. "
+                                "platform,country,app_version) that split the `events` "
+                                "metric besides event_type; an event without one counts "
+                                "under \"\" (empty: event_type only).")
         group.add_argument("--dedup_buckets", type=int, default=DEFAULT_BUCKETS,
                            help="Hash buckets of event_id for dedup state; raise it so "
                                 "each bucket-day holds at most ~100k ids.")
@@ -207,7 +218,57 @@ class ClickstreamOptions(PipelineOptions):
             distinct=self.distinct,
             hll_lg_k=self.hll_lg_k,
             funnel_steps=tuple(s.strip() for s in self.funnel_steps.split(",") if s.strip()),
+            events_dimensions=_names(self.events_dimensions),
         )
+
+    def privacy_policy(self) -> PrivacyPolicy:
+        return self.view_as(PrivacyOptions).policy()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+class PrivacyOptions(PipelineOptions):
+    """What parse does to ids and properties before any stage stores them
+    (transforms/pseudonymize.py; docs/privacy.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        group = parser.add_argument_group("privacy")
+        group.add_argument("--pseudonymize_key_file", default="",
+                           help="File holding the key (>= 32 bytes) that replaces user_id "
+                                "and device_id by keyed HMAC-SHA-256 pseudonyms at parse "
+                                "time, before dedup, the archive and every sink. Read by "
+                                "each worker, never put in the job graph.")
+        group.add_argument("--pseudonymize_key_env", default="",
+                           help="Environment variable holding the key instead (e.g. "
+                                f"{KEY_ENV_DEFAULT}).")
+        group.add_argument("--pseudonymize_key_secret", default="",
+                           help="Secret Manager secret version holding the key instead, "
+                                "projects/P/secrets/S/versions/V (on Dataflow: the worker "
+                                "service account needs secretmanager.versions.access).")
+        group.add_argument("--session_ids", choices=SESSION_ID_POLICIES,
+                           default="pseudonymize",
+                           help="session_id: pseudonymized with the key (kept as sent "
+                                "without one), kept, or dropped.")
+        group.add_argument("--properties_allowlist", default="*",
+                           help="Comma-separated property keys kept; every other property "
+                                "is dropped before the archive and counted in "
+                                "properties_dropped ('*': keep all; '': drop all).")
+
+    def policy(self) -> PrivacyPolicy:
+        sources = [KeySource(file=self.pseudonymize_key_file),
+                   KeySource(env=self.pseudonymize_key_env),
+                   KeySource(secret=self.pseudonymize_key_secret)]
+        given = [source for source in sources if source != KeySource()]
+        if len(given) > 1:
+            raise SystemExit("give one of --pseudonymize_key_file, --pseudonymize_key_env "
+                             "and --pseudonymize_key_secret")
+        allowlist = (None if self.properties_allowlist.strip() == "*"
+                     else frozenset(_names(self.properties_allowlist)))
+        return PrivacyPolicy(key=given[0] if given else None, session_ids=self.session_ids,
+                             properties_allowlist=allowlist)
 
 
 class KafkaOptions(PipelineOptions):

@@ -56,6 +56,9 @@ class MetricsConfig:
     hll_lg_k: int = DEFAULT_LG_K
     funnel_steps: tuple[str, ...] = DEFAULT_FUNNEL
     bounded: bool = False
+    # Event fields that split the `events` metric besides event_type (see
+    # events_dimension_values); () keeps its dims {"event_type": ...}.
+    events_dimensions: tuple[str, ...] = ()
 
     def for_bounded_input(self) -> MetricsConfig:
         """A bounded run's watermark jumps to the end at once: there are no early or
@@ -101,6 +104,34 @@ def _feature_dims(feature: str) -> str:
 
 
 NO_DIMS = schemas.canonical_dims({})
+# Fields that identify a person or a single event: never a dimension (unbounded
+# cardinality, and a metric row would carry the identifier).
+NOT_DIMENSIONS = frozenset(("event_id", "event_time", "device_id", "user_id", "session_id",
+                            "properties", "event_type"))
+MISSING_DIMENSION = ""  # the value of a dimension an event does not carry
+
+
+def events_dimension_values(names: Sequence[str]) -> Callable[[Event], tuple[str, ...]]:
+    """An event's values of the configured `events` dimensions: any field of
+    schemas/event.avsc but the identifying ones, so a field a new schema version adds
+    becomes a dimension by configuration alone (it arrives in Event.attributes)."""
+    fields = {spec["name"] for spec in schemas.event_schema()["fields"]}
+    for name in names:
+        if name in NOT_DIMENSIONS or name not in fields:
+            raise ValueError(
+                f"events dimension {name!r}: not a field of schemas/event.avsc, or an "
+                f"identifying one ({', '.join(sorted(NOT_DIMENSIONS))})")
+    getters = tuple(
+        (lambda e, name=name: getattr(e, name) or MISSING_DIMENSION) if name in Event._fields
+        else (lambda e, name=name: e.attributes.get(name, MISSING_DIMENSION))
+        for name in names)
+    return lambda e: tuple(get(e) for get in getters)
+
+
+@functools.lru_cache(maxsize=65536)
+def _events_dims(event_type: str, names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return schemas.canonical_dims({"event_type": event_type, **dict(zip(names, values,
+                                                                        strict=True))})
 
 
 class MetricSpec:
@@ -116,6 +147,13 @@ class MetricSpec:
 def metric_specs(granularity: str, config: MetricsConfig) -> list[MetricSpec]:
     def event_count(e: Event) -> Iterable[tuple[str, Any]]:
         return ((_event_type_dims(e.event_type), None),)
+
+    if config.events_dimensions:
+        names, values_of = config.events_dimensions, events_dimension_values(
+            config.events_dimensions)
+
+        def event_count(e: Event) -> Iterable[tuple[str, Any]]:
+            return ((_events_dims(e.event_type, names, values_of(e)), None),)
 
     def identity(e: Event) -> Iterable[tuple[str, Any]]:
         return ((NO_DIMS, e.identity),)

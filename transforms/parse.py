@@ -29,6 +29,7 @@ import schemas
 from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, in_global_window
 from transforms.events import Event, EventBatch
+from transforms.pseudonymize import PrivacyPolicy
 from transforms.runtime import relax_gc
 
 DEAD_LETTER_TAG = "dead_letter"
@@ -69,6 +70,9 @@ class EventRules:
     min_event_time_ms: int
     max_ahead_ms: int
     string_rules: tuple[tuple[str, bool, int, int, re.Pattern | None], ...]
+    # Optional string fields beyond Event's own (added by later schema versions): they
+    # travel in Event.attributes.
+    attribute_names: tuple[str, ...] = ()
     # record, now_ms → Event, or None when any rule may be broken (see compile_fast_path)
     fast_path: Callable[[Any, int], Event | None] = field(compare=False, repr=False,
                                                           default=lambda record, now: None)
@@ -94,11 +98,20 @@ class EventRules:
                     int(spec.get("x-maxLength", 1 << 30)),
                     re.compile(pattern) if pattern else None,
                 ))
+        attribute_names = tuple(rule[0] for rule in rules
+                                if rule[0] not in _EVENT_FIELDS_IN_ORDER)
+        required = [rule[0] for rule in rules if rule[0] in attribute_names and rule[1]]
+        if required:
+            # Producers on an earlier schema version do not send it: every one of their
+            # events would become a dead letter.
+            raise ValueError(f"schema field(s) {required} added after version 1 must be "
+                             'optional: ["null", "string"] with default null')
         rules_without_fast_path = cls(
             max_record_bytes=int(schema["x-maxRecordBytes"]),
             min_event_time_ms=min_ms,
             max_ahead_ms=max_ahead_s * 1000,
             string_rules=tuple(rules),
+            attribute_names=attribute_names,
         )
         return replace(rules_without_fast_path,
                        fast_path=compile_fast_path(rules_without_fast_path))
@@ -181,6 +194,8 @@ def validate(record: Any, rules: EventRules, now_ms: int) -> Event:
         strings.get("session_id"),
         strings.get("platform"),
         properties,
+        {name: strings[name] for name in rules.attribute_names  # type: ignore[misc]
+         if strings[name] is not None},
     )
 
 
@@ -225,13 +240,13 @@ def compile_fast_path(rules: EventRules) -> Callable[[Any, int], Event | None]:
     straight-line code with the constants inlined a fraction of that.
     """
     by_name = {rule[0]: rule for rule in rules.string_rules}
-    if set(by_name) != set(_EVENT_FIELDS_IN_ORDER):  # a schema this code does not know
-        return lambda record, now_ms: None
+    if set(by_name) != set(_EVENT_FIELDS_IN_ORDER) | set(rules.attribute_names):
+        return lambda record, now_ms: None  # a schema this code does not know
     lines = ["def fast_path(record, now_ms):",
              "    if type(record) is not dict: return None",
              "    get = record.get"]
     env: dict[str, Any] = {"Event": Event, "rfc3339_ms": common_rfc3339_ms}
-    for i, name in enumerate(_EVENT_FIELDS_IN_ORDER):
+    for i, name in enumerate(_EVENT_FIELDS_IN_ORDER + rules.attribute_names):
         _, required, min_len, max_len, pattern = by_name[name]
         var = f"v{i}"
         checks = [f"type({var}) is not str", f"not {min_len} <= len({var}) <= {max_len}"]
@@ -258,8 +273,19 @@ def compile_fast_path(rules: EventRules) -> Callable[[Any, int], Event | None]:
         "    else:",
         "        for value in properties.values():",
         "            if type(value) is not str: return None",
-        "    return Event(v0, v1, ms, v2, v3, v4, v5, properties)",
     ]
+    first = len(_EVENT_FIELDS_IN_ORDER)
+    attributes = ", ".join(f"{name!r}: v{first + i}"
+                           for i, name in enumerate(rules.attribute_names))
+    nulls = " and ".join(f"v{first + i} is None" for i in range(len(rules.attribute_names)))
+    if attributes:
+        # Most producers send none of them: one test instead of building a dict.
+        lines += [f"    if {nulls}: return Event(v0, v1, ms, v2, v3, v4, v5, properties)",
+                  f"    attributes = {{{attributes}}}",
+                  "    return Event(v0, v1, ms, v2, v3, v4, v5, properties,",
+                  "                 {k: v for k, v in attributes.items() if v is not None})"]
+    else:
+        lines.append("    return Event(v0, v1, ms, v2, v3, v4, v5, properties)")
     exec("\n".join(lines), env)  # source built above from the schema only
     return env["fast_path"]
 
@@ -298,10 +324,14 @@ def dead_letter_row(payload: bytes, reason: str, detail: str,
 
 class ParseEventFn(beam.DoFn):
     """Bytes in; EventBatches (stamped with their earliest event time) on the main
-    output, dead letters on a tagged one."""
+    output, dead letters on a tagged one. `privacy` (pseudonyms, properties allow-list)
+    applies to every valid event before it leaves, so no later stage sees the clear
+    ids; it is applied per batch, so without one parse costs nothing more."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 privacy: PrivacyPolicy | None = None) -> None:
         self._clock = clock
+        self._privacy_policy = privacy
         self._read = Metrics.counter(METRICS_NAMESPACE, "read")
         self._valid = Metrics.counter(METRICS_NAMESPACE, "valid")
         self._invalid = Metrics.counter(METRICS_NAMESPACE, "dead_letter")
@@ -310,6 +340,8 @@ class ParseEventFn(beam.DoFn):
     def setup(self) -> None:
         relax_gc()
         self._rules = EventRules.from_schema(schemas.event_schema())
+        policy = self._privacy_policy
+        self._privacy = policy.bind() if policy is not None and policy.active else None
 
     def start_bundle(self) -> None:
         # One clock reading per bundle: the 24 h future rule does not need more precision.
@@ -324,7 +356,14 @@ class ParseEventFn(beam.DoFn):
         self._valid.inc(self._valid_n)
         self._read_n = self._valid_n = 0
         for _, batch, earliest in self._batcher.drain():
-            yield in_global_window(batch, earliest)
+            yield self._valid_batch(batch, earliest)
+        if self._privacy is not None:
+            self._privacy.flush_counters()
+
+    def _valid_batch(self, batch: EventBatch, earliest: Any) -> WindowedValue:
+        if self._privacy is not None:
+            batch = EventBatch(self._privacy.apply(batch))
+        return in_global_window(batch, earliest)
 
     def process(self, payloads: bytes | list[bytes]) -> Iterable[Any]:
         """One payload, or a list of them (the file source hands lines on in lists)."""
@@ -358,7 +397,7 @@ class ParseEventFn(beam.DoFn):
         # Valid events leave in batches (one element per 4,096 events or per bundle):
         # every element handed to the next step cost the runner ~2.4 µs (py-spy, 1M).
         full = self._batcher.add(None, event)
-        return None if full is None else in_global_window(full[1], full[2])
+        return None if full is None else self._valid_batch(full[1], full[2])
 
     def _reason_counter(self, reason: str) -> Any:
         counter = self._by_reason.get(reason)
@@ -409,13 +448,16 @@ class ParseEvents(beam.PTransform):
     """Raw payloads (bytes, or lists of them) → (valid Events in EventBatches,
     dead-letter rows with stable ids)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
         self._clock = clock
+        self._privacy = privacy
 
     def expand(self, payloads: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        parsed = payloads | "Validate" >> beam.ParDo(ParseEventFn(self._clock)).with_outputs(
-            DEAD_LETTER_TAG, main="events")
+        parsed = payloads | "Validate" >> beam.ParDo(
+            ParseEventFn(self._clock, self._privacy)).with_outputs(
+                DEAD_LETTER_TAG, main="events")
         parsed["events"].element_type = EventBatch
         dead_letters = (
             parsed[DEAD_LETTER_TAG]
