@@ -79,6 +79,7 @@ SEP = _SPEC["row_key"]["separator"]
 _INT_COLUMNS = ("value", "revision", "pane_index")
 _TIME_COLUMNS = ("window_start", "window_end", "emitted_at")
 _TEXT_COLUMNS = ("metric", "granularity", "dims", "timing")
+_SKETCH = schemas.SKETCH_COLUMN
 
 
 def dims_hash(dims: str) -> str:
@@ -116,6 +117,10 @@ def encode_cells(row: Mapping[str, Any]) -> dict[str, bytes]:
     cells.update({c: struct.pack(">q", int(row[c])) for c in _INT_COLUMNS})
     cells.update({c: _iso(row[c]) for c in _TIME_COLUMNS})
     cells["is_final"] = b"\x01" if row["is_final"] else b"\x00"
+    if _SKETCH in row:
+        # Written even when None (as empty): it then hides an older revision's sketch,
+        # which counted another value.
+        cells[_SKETCH] = row[_SKETCH] or b""
     return cells
 
 
@@ -126,6 +131,8 @@ def decode_cells(cells: Mapping[str, bytes]) -> dict[str, Any]:
     out.update({c: datetime.fromisoformat(cells[c].decode("ascii"))
                 for c in _TIME_COLUMNS})
     out["is_final"] = cells["is_final"] == b"\x01"
+    if _SKETCH in cells:
+        out[_SKETCH] = cells[_SKETCH] or None
     return out
 
 
