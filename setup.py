@@ -7,9 +7,9 @@ setup(
                 "and final panes with a retracting changelog.",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
-                                    "schemas", "runners", "runners.*"]),
+                                    "schemas", "runners", "runners.*", "serving"]),
     package_data={"schemas": ["*.avsc", "*.sql", "*.json"],
-                  "pipeline": ["static/*", "static/vendor/*"]},
+                  "serving": ["static/*", "static/vendor/*"]},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
         "fastavro>=1.9",

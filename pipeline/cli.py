@@ -82,6 +82,26 @@ def _query(argv: Sequence[str]) -> int:
     return 0
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from pipeline.query import QueryError
+    from serving.command import add_arguments, serve
+
+    parser = argparse.ArgumentParser(
+        prog="clickstream serve", epilog="Connection flags as for `clickstream query`: "
+        "--duckdb_path, --bigtable_project/--bigtable_instance/--bigtable_table, "
+        "--bigquery_project/--bigquery_dataset (plus --bigquery_endpoint).")
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    options = _options(rest)
+    try:
+        serve(args, {name: getattr(options, name) for name in (
+            "duckdb_path", "bigtable_project", "bigtable_instance", "bigtable_table")})
+    except QueryError as exc:
+        print(f"clickstream serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def configure_logging() -> None:
     """INFO lines with a timestamp (the job's progress lines), Beam's own at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -113,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  query    --metric M --granularity hour|day [--dims JSON] [--start ISO] "
               "[--end ISO] --from duckdb|bigtable|bigquery [--format table|json] "
               "[connection flags]\n"
+              "  serve    [--from duckdb|bigtable|bigquery] [--port N] [--distinct hll|exact] "
+              "[--archive_path BASE] [--metrics_url URL] [connection flags]  the HTTP API "
+              "and dashboard on 127.0.0.1\n"
               "Run `clickstream run --help` for every pipeline option.")
         return 0
     command, rest = argv[0], argv[1:]
@@ -157,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(rest)
     if command == "query":
         return _query(rest)
+    if command == "serve":
+        return _serve(rest)
     if command == "publish":
         from pipeline.publish import main as publish_main
 
