@@ -355,3 +355,21 @@ def read_all_rows(project: str, instance: str, table: str) -> Iterable[dict[str,
     for row in _table(project, instance, table).read_rows(
             filter_=CellsColumnLimitFilter(1)):
         yield dict(_decoded(row), row_key=row.row_key.decode("utf-8"))
+
+
+def read_metric_from_bigtable(project: str, instance: str, table: str, metric: str,
+                              granularity: str, start: datetime, end: datetime
+                              ) -> list[dict[str, Any]]:
+    """Every dims value of one metric for windows starting in [start, end): one range
+    scan of the ``metric#granularity#`` prefix (the dims hash precedes the window in the
+    key, so the time range is applied to the decoded rows)."""
+    from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
+
+    prefix = SEP.join((metric, granularity, "")).encode("utf-8")
+    rows = _table(project, instance, table).read_rows(
+        start_key=prefix, end_key=prefix[:-1] + bytes([prefix[-1] + 1]),
+        filter_=CellsColumnLimitFilter(1))
+    out = [decoded for decoded in map(_decoded, rows)
+           if start <= decoded["window_start"] < end]
+    out.sort(key=lambda r: (r["window_start"], r["dims"]))
+    return out
