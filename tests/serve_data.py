@@ -7,9 +7,11 @@ Import the fixture into a test module: ``from tests.serve_data import served  # 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
@@ -18,6 +20,7 @@ import pytest
 from pipeline import oracle
 from pipeline.generator import GeneratorConfig, read_truth, write_days
 from pipeline.job import run
+from tests import servers
 
 DAYS = 8
 EVENTS_PER_DAY = 800
@@ -74,3 +77,16 @@ def within_hll_error(estimate: float, truth: Iterable | int, rse: float, sigmas:
                      ) -> bool:
     n = truth if isinstance(truth, int) else len(set(truth))
     return abs(estimate - n) <= sigmas * rse * n + 1
+
+
+@contextlib.contextmanager
+def clickstream_serve(*args: str, timeout: float = 60.0) -> Iterator[str]:
+    """`clickstream serve ARGS` as its own process on a free 127.0.0.1 port; yields the
+    base URL once the app answers, stops the process by its PID afterwards."""
+    port = servers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "clickstream"), "serve",
+           "--port", str(port), *args]
+    with servers._running(cmd, lambda: servers._http_ok(f"{url}/openapi.json"), timeout,
+                          "clickstream serve"):
+        yield url
