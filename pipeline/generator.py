@@ -48,6 +48,9 @@ class GeneratorConfig:
     # (and different seeds) share their users, Zipf ranks included, as a product's
     # days do. None: the population comes from `seed`.
     population_seed: int | None = None
+    # Users in the population; None: events / 25. A population larger than a day's
+    # reach gives the DAU/MAU ratio of a real product (heavy users daily, a long tail).
+    users: int | None = None
 
 
 # (reason code the pipeline must give, builder of the bad payload)
@@ -92,7 +95,7 @@ class ClickstreamGenerator:
         self.rng = random.Random(config.seed)
         day = datetime.fromisoformat(config.date).replace(tzinfo=UTC)
         self.day_start_ms = int(day.timestamp() * 1000)
-        n_users = max(10, config.events // 25)
+        n_users = config.users or max(10, config.events // 25)
         population = self.rng if config.population_seed is None else random.Random(
             config.population_seed)
         self.users = [f"u{population.getrandbits(40):010x}" for _ in range(n_users)]

@@ -28,7 +28,6 @@ import schemas
 from pipeline import query
 from serving import health, uniques
 from serving.stores import NotHeld, Store
-from transforms.distinct import DEFAULT_LG_K
 from transforms.metrics import DEFAULT_FUNNEL
 
 log = logging.getLogger("clickstream.serve")
@@ -47,7 +46,6 @@ class ServeConfig:
     distinct: str = "hll"  # the default mode of range uniques
     archive_path: str = ""  # the raw archive, for mode=exact
     metrics_url: str = ""  # the job's Prometheus text endpoint, for health
-    lg_k: int = DEFAULT_LG_K  # the largest union precision (capped by the sketches')
     refresh_s: int = 30  # the dashboard's auto-refresh period
 
 
@@ -144,7 +142,7 @@ def create_app(store: Store, config: ServeConfig | None = None) -> FastAPI:
             return uniques.from_archive(config.archive_path, metric, json.loads(dims), span)
         rows = store.sketches(metric, "day", dims, _midnight(span[0]),
                               _midnight(span[-1] + timedelta(days=1)))
-        return uniques.from_sketches(rows, span, config.lg_k)
+        return uniques.from_sketches(rows, span)
 
     @app.get("/api/series", summary="One metric's series: value, revision, timing, "
              "is_final per window")

@@ -10,7 +10,6 @@ from pipeline.query import STORES
 from serving.app import ServeConfig, create_app
 from serving.stores import open_store
 from serving.uniques import MODES
-from transforms.distinct import DEFAULT_LG_K
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics_url", default="",
                         help="the job's Prometheus text endpoint (e.g. "
                         "http://127.0.0.1:9464/metrics), for watermark lag and backlog")
-    parser.add_argument("--hll_lg_k", type=int, default=DEFAULT_LG_K,
-                        help="largest precision of a union (capped by the stored sketches')")
     parser.add_argument("--refresh_s", type=int, default=30,
                         help="the dashboard's auto-refresh period")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="DuckDB: open the file for every read instead of reusing "
+                        "answers while the file is unchanged (benchmarks)")
     parser.add_argument("--bigquery_project", default="")
     parser.add_argument("--bigquery_dataset", default="")
     parser.add_argument("--bigquery_endpoint", default="",
@@ -45,12 +45,16 @@ def serve(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
 
     store = open_store(args.store, {**settings, "bigquery_project": args.bigquery_project,
                                     "bigquery_dataset": args.bigquery_dataset,
-                                    "bigquery_endpoint": args.bigquery_endpoint})
+                                    "bigquery_endpoint": args.bigquery_endpoint,
+                                    "cache": "0" if args.no_cache else "1"})
     app = create_app(store, ServeConfig(
         distinct=args.distinct, archive_path=args.archive_path,
-        metrics_url=args.metrics_url, lg_k=args.hll_lg_k, refresh_s=args.refresh_s))
+        metrics_url=args.metrics_url, refresh_s=args.refresh_s))
     # Bound here, not by uvicorn, so --port 0 can print the port the OS gave.
     sock = socket.create_server((args.host, args.port))
+    # Accepted connections inherit it: without it, a keep-alive client waits ~40 ms for
+    # every response (Nagle against the client's delayed ACK), as uvicorn's own bind avoids.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
     # The line a caller (scripts/demo, the tests) waits for and reads the port from.
     print(f"clickstream serve: dashboard http://{host}:{port}/  API docs "

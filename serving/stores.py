@@ -9,7 +9,10 @@ questions with `NotHeld`, which the API turns into a 404 saying which store does
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -55,19 +58,64 @@ _CHANGELOG = ("revision", "sign", "value", "timing", "is_final", "pane_index", "
 
 
 class DuckDBStore:
-    name = "duckdb"
+    """Reads a DuckDB file the job may be writing.
 
-    def __init__(self, path: str) -> None:
+    DuckDB lets one process write a file or several read it, never both: a connection
+    kept open here would lock the job's sink out. So every read opens the file read-only
+    and closes it, which costs more than the query (tens of ms on a busy machine); and
+    answers are kept per data version, the (mtime, size) of the file and its WAL, taken
+    before the read. Any write by the job changes the version, so a cached answer is
+    never older than the file; `cache=False` reads every time. Cached rows are shared
+    between requests: callers build new rows, never change these.
+    """
+
+    name = "duckdb"
+    CACHE_ENTRIES = 4096
+
+    def __init__(self, path: str, cache: bool = True) -> None:
         self.path = path
         self._series = query.reader_for("duckdb", {"duckdb_path": path})
+        self._cache: OrderedDict[tuple, tuple[tuple, Any]] | None = \
+            OrderedDict() if cache else None
+        self._lock = threading.Lock()
+
+    def _version(self) -> tuple:
+        def stamp(path: str) -> tuple[int, int]:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return (0, 0)
+            return (st.st_mtime_ns, st.st_size)
+
+        return stamp(self.path), stamp(self.path + ".wal")
+
+    def _cached(self, key: tuple, read: Callable[[], Any]) -> Any:
+        if self._cache is None:
+            return read()
+        version = self._version()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == version:
+                self._cache.move_to_end(key)
+                return hit[1]
+        value = read()
+        with self._lock:
+            self._cache[key] = (version, value)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return value
 
     def _rows(self, sql: str, params: list[Any], columns: tuple[str, ...]) -> list[Row]:
         from transforms.sink_duckdb import read_rows
 
-        return [_utc(dict(zip(columns, r, strict=True))) for r in read_rows(self.path, sql, params)]
+        return self._cached(("rows", sql, *params), lambda: [
+            _utc(dict(zip(columns, r, strict=True)))
+            for r in read_rows(self.path, sql, params)])
 
     def series(self, metric, granularity, dims, start, end):
-        return self._series(metric, granularity, dims, start, end)
+        return self._cached(("series", metric, granularity, dims, start, end),
+                            lambda: self._series(metric, granularity, dims, start, end))
 
     def latest(self, metric, granularity, start, end):
         return self._rows(
@@ -78,7 +126,9 @@ class DuckDBStore:
     def sketches(self, metric, granularity, dims, start, end):
         from transforms.sink_duckdb import read_sketches_from_duckdb
 
-        return read_sketches_from_duckdb(self.path, metric, granularity, dims, start, end)
+        return self._cached(("sketches", metric, granularity, dims, start, end),
+                            lambda: read_sketches_from_duckdb(self.path, metric, granularity,
+                                                              dims, start, end))
 
     def changelog(self, metric, granularity, dims, window_start):
         return self._rows(
@@ -89,11 +139,12 @@ class DuckDBStore:
     def dead_letters(self, start, end):
         from transforms.sink_duckdb import read_rows
 
-        return [(reason, int(n)) for reason, n in read_rows(
-            self.path, "SELECT reason, count(*) FROM dead_letter "
-            "WHERE ingest_time >= coalesce(?, ingest_time) "
-            "AND ingest_time < coalesce(?, ingest_time + INTERVAL 1 SECOND) "
-            "GROUP BY reason ORDER BY count(*) DESC, reason", [start, end])]
+        sql = ("SELECT reason, count(*) FROM dead_letter "
+               "WHERE ingest_time >= coalesce(?, ingest_time) "
+               "AND ingest_time < coalesce(?, ingest_time + INTERVAL 1 SECOND) "
+               "GROUP BY reason ORDER BY count(*) DESC, reason")
+        return self._cached(("dead_letters", start, end), lambda: [
+            (reason, int(n)) for reason, n in read_rows(self.path, sql, [start, end])])
 
 
 class BigtableStore:
@@ -202,7 +253,7 @@ def open_store(store: str, settings: Mapping[str, str]) -> Store:
     if store == "duckdb":
         if not settings.get("duckdb_path"):
             raise query.QueryError("--from duckdb needs --duckdb_path")
-        return DuckDBStore(settings["duckdb_path"])
+        return DuckDBStore(settings["duckdb_path"], cache=settings.get("cache", "1") == "1")
     if store == "bigtable":
         where = (settings.get("bigtable_project", ""), settings.get("bigtable_instance", ""),
                  settings.get("bigtable_table", ""))

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.query import QueryError
 from serving.stores import SketchRow
-from transforms.distinct import DEFAULT_LG_K, union_estimate
+from transforms.distinct import union_estimate
 from transforms.metrics import FEATURE_EVENT_TYPE, FEATURE_PROPERTY
 
 MODES = ("hll", "exact")
@@ -34,8 +34,7 @@ def days_of(start: date, end: date) -> list[date]:
     return [start + timedelta(days=i) for i in range((end - start).days)]
 
 
-def from_sketches(rows: Iterable[SketchRow], days: list[date], lg_k: int = DEFAULT_LG_K
-                  ) -> dict[str, Any]:
+def from_sketches(rows: Iterable[SketchRow], days: list[date]) -> dict[str, Any]:
     have = {row[0].date(): row for row in rows}
     sketches = [sketch for d in days if d in have and (sketch := have[d][2])]
     missing = [d.isoformat() for d in days if d in have and not have[d][2]]
@@ -46,7 +45,7 @@ def from_sketches(rows: Iterable[SketchRow], days: list[date], lg_k: int = DEFAU
     if not sketches:
         return answer | {"value": 0, "relative_standard_error": 0.0, "lg_k": None,
                          "lower_bound_2sd": 0, "upper_bound_2sd": 0}
-    union = union_estimate(sketches, lg_k)
+    union = union_estimate(sketches)
     return answer | {"value": union.estimate, "lg_k": union.lg_k,
                      "relative_standard_error": round(union.relative_standard_error, 6),
                      "lower_bound_2sd": union.lower_bound_2sd,

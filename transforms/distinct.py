@@ -110,14 +110,15 @@ class UnionEstimate(NamedTuple):
     upper_bound_2sd: int
 
 
-def union_estimate(sketches: Sequence[bytes], lg_k: int = DEFAULT_LG_K) -> UnionEstimate:
+def union_estimate(sketches: Sequence[bytes]) -> UnionEstimate:
     """Distinct identities over several windows: the union of their stored sketches.
 
-    A union never has more precision than its coarsest input, so `lg_k` is capped by the
-    sketches themselves and the error reported is the result's."""
-    union = datasketches.hll_union(lg_k)
-    for data in sketches:
-        union.update(datasketches.hll_sketch.deserialize(data))
+    A union has the precision of its coarsest input, so the union is built at the
+    largest lg_k among the sketches and the error reported is the result's."""
+    parsed = [datasketches.hll_sketch.deserialize(data) for data in sketches]
+    union = datasketches.hll_union(max((s.lg_config_k for s in parsed), default=DEFAULT_LG_K))
+    for sketch in parsed:
+        union.update(sketch)
     result = union.get_result(SKETCH_TYPE)
     result_lg_k = result.lg_config_k
     return UnionEstimate(
