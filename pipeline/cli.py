@@ -10,11 +10,12 @@ from collections.abc import Sequence
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipeline.generator import GeneratorConfig, write_dataset
+    from pipeline.generator import GeneratorConfig, write_dataset, write_days
 
-    counts = write_dataset(args.out, GeneratorConfig(
-        events=args.events, seed=args.seed, date=args.date, shards=args.shards,
-        too_late_rate=args.too_late_rate))
+    config = GeneratorConfig(events=args.events, seed=args.seed, date=args.date,
+                             shards=args.shards, too_late_rate=args.too_late_rate)
+    counts = write_days(args.out, config, args.days) if args.days > 1 else \
+        write_dataset(args.out, config)
     print(f"wrote {counts['read']:,} lines to {args.out} "
           f"({counts['unique']:,} unique, {counts['duplicates']:,} duplicates, "
           f"{counts['dead_letter']:,} malformed); oracle in {args.out}/expected.json")
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
               "[--distinct exact]  recompute a day from the raw archive, correct the "
               "sinks, mark it final\n"
-              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] "
+              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] [--days N] "
               "[--too_late_rate R]\n"
               "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
               "generated ones (e.g. day D and a day a week later)\n"
@@ -159,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--date", default="2026-11-01")
         parser.add_argument("--shards", type=int, default=4)
+        parser.add_argument("--days", type=int, default=1,
+                            help="consecutive days from --date, --events each, one user "
+                            "population (for WAU/MAU), merged in arrival order")
         parser.add_argument("--too_late_rate", type=float,
                             default=GeneratorConfig.too_late_rate,
                             help="Share of sessions that arrive past the allowed lateness "

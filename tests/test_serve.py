@@ -254,3 +254,10 @@ def test_openapi_docs_list_every_endpoint(api) -> None:
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/api/series", "/api/uniques", "/api/funnel", "/api/adoption", "/api/changelog",
             "/api/dead_letters", "/api/health"} <= set(paths)
+
+
+def test_serve_without_its_connection_flags_says_which(capsys) -> None:
+    from pipeline import cli
+
+    assert cli.main(["serve", "--from", "bigtable", "--port", "0"]) == 2
+    assert "--bigtable_project" in capsys.readouterr().err
