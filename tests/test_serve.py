@@ -29,6 +29,8 @@ from tests.serve_data import (  # noqa: F401 - served is a fixture
 from transforms.sink_duckdb import read_rows
 
 LAST_DAY = FIRST_DAY + timedelta(days=DAYS - 1)
+# The served data set is a run of the job (~15 s, once per session).
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +177,6 @@ def test_health_without_metrics_says_unknown(api, served) -> None:  # noqa: F811
     assert body["last_pane_emitted_at"].endswith("Z") and body["last_pane_age_s"] >= 0
 
 
-@pytest.mark.integration
 def test_health_reads_the_jobs_prometheus_endpoint(served) -> None:  # noqa: F811
     text = (b"# TYPE clickstream_watermark_lag_seconds gauge\n"
             b'clickstream_watermark_lag_seconds{job="clickstream"} 42.5\n'
