@@ -74,9 +74,12 @@ async def load(url: str, path: str, params: dict[str, Any], requests: int,
             while remaining > 0:
                 remaining -= 1
                 started = time.perf_counter()
-                response = await client.get(path, params=params)
+                try:
+                    response = await client.get(path, params=params)
+                    errors += response.status_code != 200
+                except httpx.TransportError:  # counted, and the run goes on
+                    errors += 1
                 latencies.append((time.perf_counter() - started) * 1000)
-                errors += response.status_code != 200
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -59,5 +59,7 @@ def serve(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
     # The line a caller (scripts/demo, the tests) waits for and reads the port from.
     print(f"clickstream serve: dashboard http://{host}:{port}/  API docs "
           f"http://{host}:{port}/docs  (store: {store.name})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
-        sockets=[sock])
+    # Keep-alive longer than uvicorn's 5 s: a dashboard refreshing every few seconds
+    # reuses its connections instead of racing their close.
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                  timeout_keep_alive=30)).run(sockets=[sock])
