@@ -23,7 +23,6 @@ count (the machine is shared).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -34,7 +33,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import ROOT, environment, say
+from benchmarks.run import ROOT, say
+from benchmarks.serving_results import new_report, percentile, report_header, write_report
 from pipeline.generator import ClickstreamGenerator, GeneratorConfig, day_configs
 from serving import uniques
 from serving.stores import DuckDBStore
@@ -72,11 +72,6 @@ def daily_sketch(ids: set[str], lg_k: int) -> tuple[int, bytes]:
         acc = fn.add_input(acc, identity)
     value, sketch = fn.extract_output(acc)
     return value, sketch
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def accuracy(days: list[date], identities: dict[date, set[str]],
@@ -147,15 +142,9 @@ def write_archive(base: str, records: dict[date, list[dict[str, Any]]]) -> None:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    env, cfg = report["environment"], report["config"]
+    cfg = report["config"]
     lines = [
-        "# Unique users over any range: HLL sketch unions vs exact",
-        "",
-        f"{report['started']} · {env['cpus']} CPUs · load average (1/5/15 min) at start "
-        f"{report['load_start']}, at end {report['load_end']} · commit {env['commit']}",
-        "",
-        f"`{report['command']}`",
-        "",
+        *report_header(report, "Unique users over any range: HLL sketch unions vs exact"),
         f"{cfg['days']} generated days (from {cfg['first_day']}), {cfg['events_per_day']:,} "
         f"events a day from one population of {cfg['users']:,} users (Zipf), seed "
         f"{cfg['seed']}: DAU {report['dau_mean']:,} on average, MAU "
@@ -212,14 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
-    started = datetime.now(UTC)
-    report: dict[str, Any] = {
-        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "environment": environment(),
-        "load_start": [round(x, 2) for x in os.getloadavg()],
-        "command": "python -m benchmarks.serving_accuracy " + " ".join(
-            argv if argv is not None else os.sys.argv[1:]),
-        "config": {"days": args.days, "events_per_day": args.events_per_day,
-                   "users": args.users, "seed": args.seed, "first_day": "2026-10-01"}}
+    report = new_report("benchmarks.serving_accuracy", argv, {
+        "days": args.days, "events_per_day": args.events_per_day, "users": args.users,
+        "seed": args.seed, "first_day": "2026-10-01"})
     say(f"generating {args.days} days of {args.events_per_day:,} events")
     identities, records = daily_identities(args.days, args.events_per_day, args.users,
                                            args.seed)
@@ -263,12 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["exact"][name] = {"records": answer["archive_records_read"], **timed(
                 lambda span=span: uniques.from_archive(archive, "active_users", {}, span),
                 max(3, args.repeat // 10))}
-    report["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    stem = Path(args.out) / f"results-serving-accuracy-{started:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    say(markdown(report))
-    say(f"wrote {stem}.json and {stem}.md")
+    write_report(report, "serving-accuracy", args.out, markdown)
     return 0
 
 

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
+from datetime import date, timedelta
 from typing import Any
 
-from benchmarks.run import ROOT, environment, say
-from benchmarks.serving_accuracy import percentile
+from benchmarks.run import ROOT, say
+from benchmarks.serving_results import new_report, percentile, report_header, write_report
 from pipeline.generator import GeneratorConfig, write_days
 from pipeline.job import run
 
@@ -103,15 +101,9 @@ def measure(setup: str, url: str, last: date, requests: int) -> list[dict[str, A
 
 
 def markdown(report: dict[str, Any]) -> str:
-    env, cfg = report["environment"], report["config"]
+    cfg = report["config"]
     lines = [
-        "# Serving under load: `clickstream serve` on 127.0.0.1",
-        "",
-        f"{report['started']} · {env['cpus']} CPUs · load average (1/5/15 min) at start "
-        f"{report['load_start']}, at end {report['load_end']} · commit {env['commit']}",
-        "",
-        f"`{report['command']}`",
-        "",
+        *report_header(report, "Serving under load: `clickstream serve` on 127.0.0.1"),
         f"{cfg['days']} generated days × {cfg['events_per_day']:,} events, one run of the "
         "job (`--distinct hll`) into DuckDB and the Bigtable emulator; `clickstream serve` "
         "in its own process (uvicorn, one worker); an httpx async client on the same "
@@ -146,14 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "bigtable"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
-    started = datetime.now(UTC)
-    report: dict[str, Any] = {
-        "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "environment": environment(),
-        "load_start": [round(x, 2) for x in os.getloadavg()],
-        "command": "python -m benchmarks.serving_load " + " ".join(
-            argv if argv is not None else os.sys.argv[1:]),
-        "config": {"days": args.days, "events_per_day": args.events_per_day,
-                   "requests": args.requests, "setups": args.setups}, "runs": []}
+    report = new_report("benchmarks.serving_load", argv, {
+        "days": args.days, "events_per_day": args.events_per_day,
+        "requests": args.requests, "setups": args.setups})
+    report["runs"] = []
     last = FIRST_DAY + timedelta(days=args.days - 1)
     with tempfile.TemporaryDirectory(prefix="serving-load-") as tmp, \
             servers.bigtable_emulator() as emulator:
@@ -176,12 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"serving over {setup}")
             with clickstream_serve(*connection[setup]) as url:
                 report["runs"] += measure(setup, url, last, args.requests)
-    report["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    stem = Path(args.out) / f"results-serving-load-{started:%Y-%m-%d}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    say(markdown(report))
-    say(f"wrote {stem}.json and {stem}.md")
+    write_report(report, "serving-load", args.out, markdown)
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import socket
 from collections.abc import Mapping
 
-from pipeline.query import STORES
+from pipeline.query import STORES, add_bigquery_arguments
 from serving.app import ServeConfig, create_app
 from serving.stores import open_store
 from serving.uniques import MODES
@@ -32,11 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_cache", action="store_true",
                         help="DuckDB: open the file for every read instead of reusing "
                         "answers while the file is unchanged (benchmarks)")
-    parser.add_argument("--bigquery_project", default="")
-    parser.add_argument("--bigquery_dataset", default="")
-    parser.add_argument("--bigquery_endpoint", default="",
-                        help="BigQuery REST endpoint of a local server (anonymous "
-                        "credentials); empty: Google's")
+    add_bigquery_arguments(parser)
 
 
 def serve(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
