@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -28,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 import schemas
 from pipeline import query
 from serving import health, uniques
+from serving.cache import ResponseCache
 from serving.stores import NotHeld, Store
 from transforms.metrics import DEFAULT_FUNNEL
 
@@ -114,6 +116,15 @@ def create_app(store: Store, config: ServeConfig | None = None) -> FastAPI:
         description="Metric series, any-range unique users (HLL sketch unions or exact "
         "from the raw archive), funnel, feature adoption, changelog, dead letters and "
         f"pipeline health, read from the {store.name} store.")
+
+    def reads_archive(path: str, query_string: bytes) -> bool:
+        """Exact uniques read the raw archive, which the store's version does not cover."""
+        if path not in ("/api/uniques", "/api/adoption"):
+            return False
+        mode = parse_qs(query_string.decode("latin-1")).get("mode", [config.distinct])[-1]
+        return mode == "exact"
+
+    app.add_middleware(ResponseCache, version=store.data_version, reads_elsewhere=reads_archive)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -29,6 +29,10 @@ class NotHeld(LookupError):
 
 class Store(Protocol):
     name: str
+
+    def data_version(self) -> Hashable | None:
+        """Changes whenever the data may have; None: the store cannot tell cheaply."""
+        ...
 
     def series(self, metric: str, granularity: str, dims: str,
                start: datetime | None, end: datetime | None) -> list[Row]: ...
@@ -88,6 +92,9 @@ class DuckDBStore:
             return (st.st_mtime_ns, st.st_size)
 
         return stamp(self.path), stamp(self.path + ".wal")
+
+    def data_version(self) -> Hashable | None:
+        return self._version() if self._cache is not None else None
 
     def _cached(self, key: tuple, read: Callable[[], Any]) -> Any:
         if self._cache is None:
@@ -150,6 +157,9 @@ class DuckDBStore:
 class BigtableStore:
     name = "bigtable"
 
+    def data_version(self) -> Hashable | None:
+        return None  # no cheap way to know: read per request
+
     def __init__(self, project: str, instance: str, table: str) -> None:
         self.where = (project, instance, table)
         self._series = query.reader_for("bigtable", {
@@ -180,6 +190,9 @@ class BigtableStore:
 
 class BigQueryStore:
     name = "bigquery"
+
+    def data_version(self) -> Hashable | None:
+        return None  # no cheap way to know: read per request
 
     def __init__(self, project: str, dataset: str, endpoint: str = "") -> None:
         self.project, self.dataset = project, dataset

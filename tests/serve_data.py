@@ -15,12 +15,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
+import datasketches
 import pytest
 
 from pipeline import oracle
 from pipeline.generator import GeneratorConfig, read_truth, write_days
 from pipeline.job import run
 from tests import servers
+from transforms import sink_duckdb
+from transforms.distinct import SKETCH_TYPE, union_estimate
 
 DAYS = 8
 EVENTS_PER_DAY = 800
@@ -90,3 +93,43 @@ def clickstream_serve(*args: str, timeout: float = 60.0) -> Iterator[str]:
     with servers._running(cmd, lambda: servers._http_ok(f"{url}/openapi.json"), timeout,
                           "clickstream serve"):
         yield url
+
+
+def late_revision(db: str, day: datetime, extra_users: int) -> int:
+    """Writes what the job writes for a late pane of `day`'s active users: the retraction
+    of the latest revision and a LATE revision whose sketch also counts `extra_users`
+    users synced late. Returns the new value."""
+    latest = sink_duckdb.read_rows(db, """
+        SELECT l.window_end, l.value, l.revision, c.pane_index, l.timing, l.is_final,
+               l.emitted_at, l.sketch
+        FROM metric_latest l JOIN metric_changelog c
+        USING (metric, dims, granularity, window_start, revision)
+        WHERE c.sign > 0 AND metric = 'active_users' AND granularity = 'day'
+          AND window_start = ?""", [day])[0]
+    window_end, value, revision, pane_index, timing, is_final, emitted_at, sketch = latest
+    late = datasketches.hll_sketch(12, SKETCH_TYPE)
+    for i in range(extra_users):
+        late.update(f"late-user-{i}")
+    merged = union_estimate([sketch, late.serialize_compact()])
+    new_sketch = datasketches.hll_union(12)
+    new_sketch.update(datasketches.hll_sketch.deserialize(sketch))
+    new_sketch.update(late)
+    held = {"metric": "active_users", "dims": "{}", "granularity": "day",
+            "window_start": day, "window_end": window_end.astimezone(UTC), "value": value,
+            "sign": 1, "revision": revision, "pane_index": pane_index, "timing": timing,
+            "is_final": is_final, "emitted_at": emitted_at.astimezone(UTC),
+            "sketch": sketch}
+    now = datetime.now(UTC)
+    rows = [dict(held, sign=-1, emitted_at=now),
+            dict(held, value=merged.estimate, revision=revision + 1,
+                 pane_index=pane_index + 1, timing="LATE", is_final=False, emitted_at=now,
+                 sketch=new_sketch.get_result(SKETCH_TYPE).serialize_compact())]
+    with sink_duckdb._PROCESS_LOCK:
+        con = sink_duckdb.connect(db)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            sink_duckdb.write_changelog(con, rows)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+    return merged.estimate

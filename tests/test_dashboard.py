@@ -16,19 +16,16 @@ import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import datasketches
 import pytest
 
-from serving.uniques import union_estimate
 from tests.serve_data import (  # noqa: F401 - served is a fixture
     DAYS,
     FIRST_DAY,
     clickstream_serve,
+    late_revision,
     served,
     within_hll_error,
 )
-from transforms import sink_duckdb
-from transforms.distinct import SKETCH_TYPE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -85,46 +82,6 @@ def table_points(page, section: str) -> dict[str, dict]:
 def bars(page, section: str) -> dict[str, int]:
     return {row.get_attribute("data-key"): int(row.get_attribute("data-value"))
             for row in page.query_selector_all(f"#{section} table.bars tr[data-key]")}
-
-
-def late_revision(db: str, day: datetime, extra_users: int) -> int:
-    """Writes what the job writes for a late pane of `day`'s active users: the retraction
-    of the latest revision and a LATE revision whose sketch also counts `extra_users`
-    users synced late. Returns the new value."""
-    latest = sink_duckdb.read_rows(db, """
-        SELECT l.window_end, l.value, l.revision, c.pane_index, l.timing, l.is_final,
-               l.emitted_at, l.sketch
-        FROM metric_latest l JOIN metric_changelog c
-        USING (metric, dims, granularity, window_start, revision)
-        WHERE c.sign > 0 AND metric = 'active_users' AND granularity = 'day'
-          AND window_start = ?""", [day])[0]
-    window_end, value, revision, pane_index, timing, is_final, emitted_at, sketch = latest
-    late = datasketches.hll_sketch(12, SKETCH_TYPE)
-    for i in range(extra_users):
-        late.update(f"late-user-{i}")
-    merged = union_estimate([sketch, late.serialize_compact()])
-    new_sketch = datasketches.hll_union(12)
-    new_sketch.update(datasketches.hll_sketch.deserialize(sketch))
-    new_sketch.update(late)
-    held = {"metric": "active_users", "dims": "{}", "granularity": "day",
-            "window_start": day, "window_end": window_end.astimezone(UTC), "value": value,
-            "sign": 1, "revision": revision, "pane_index": pane_index, "timing": timing,
-            "is_final": is_final, "emitted_at": emitted_at.astimezone(UTC),
-            "sketch": sketch}
-    now = datetime.now(UTC)
-    rows = [dict(held, sign=-1, emitted_at=now),
-            dict(held, value=merged.estimate, revision=revision + 1,
-                 pane_index=pane_index + 1, timing="LATE", is_final=False, emitted_at=now,
-                 sketch=new_sketch.get_result(SKETCH_TYPE).serialize_compact())]
-    with sink_duckdb._PROCESS_LOCK:
-        con = sink_duckdb.connect(db)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            sink_duckdb.write_changelog(con, rows)
-            con.execute("COMMIT")
-        finally:
-            con.close()
-    return merged.estimate
 
 
 def test_the_dashboard_shows_the_oracles_numbers_and_a_late_revision(

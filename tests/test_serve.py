@@ -9,8 +9,9 @@ generator's truth, computed without the pipeline.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import datasketches
@@ -22,6 +23,7 @@ from serving.stores import DuckDBStore
 from tests.serve_data import (  # noqa: F401 - served is a fixture
     DAYS,
     FIRST_DAY,
+    late_revision,
     series_of,
     served,
     within_hll_error,
@@ -262,3 +264,23 @@ def test_serve_without_its_connection_flags_says_which(capsys) -> None:
 
     assert cli.main(["serve", "--from", "bigtable", "--port", "0"]) == 2
     assert "--bigtable_project" in capsys.readouterr().err
+
+
+def test_answers_are_reused_only_while_the_file_is_unchanged(served, tmp_path) -> None:  # noqa: F811
+    db = str(tmp_path / "cached.duckdb")
+    shutil.copy(served.db, db)
+    store = DuckDBStore(db)
+    api = TestClient(create_app(store, ServeConfig(archive_path=served.archive)))
+    day = datetime.combine(LAST_DAY, datetime.min.time(), tzinfo=UTC)
+    params = {"metric": "active_users", "granularity": "day", "start": LAST_DAY.isoformat()}
+    first = get(api, "/api/series", **params)["points"][0]
+    version = store.data_version()
+    mau = get(api, "/api/uniques", days=DAYS)["value"]
+    assert get(api, "/api/series", **params)["points"][0] == first
+    assert store.data_version() == version
+    new_value = late_revision(db, day, extra_users=25)  # the job writes: a new version
+    assert store.data_version() != version
+    now = get(api, "/api/series", **params)["points"][0]
+    assert (now["value"], now["revision"], now["state"]) == (
+        new_value, first["revision"] + 1, "late")
+    assert get(api, "/api/uniques", days=DAYS)["value"] > mau
