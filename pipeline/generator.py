@@ -18,7 +18,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 
 from pipeline import oracle
@@ -50,6 +50,13 @@ class GeneratorConfig:
     # up to RESTAMP_MAX_MS later): same event_id, other bytes and event time, maybe
     # another hour or day. The first copy, by arrival, is the event (oracle.first_copies).
     restamp_rate: float = 0.0
+    # Seed of the user population alone: days generated with the same population_seed
+    # (and different seeds) share their users, Zipf ranks included, as a product's
+    # days do. None: the population comes from `seed`.
+    population_seed: int | None = None
+    # Users in the population; None: events / 25. A population larger than a day's
+    # reach gives the DAU/MAU ratio of a real product (heavy users daily, a long tail).
+    users: int | None = None
 
 
 RESTAMP_MAX_MS = 10 * 60_000
@@ -97,14 +104,16 @@ class ClickstreamGenerator:
         self.rng = random.Random(config.seed)
         day = datetime.fromisoformat(config.date).replace(tzinfo=UTC)
         self.day_start_ms = int(day.timestamp() * 1000)
-        n_users = max(10, config.events // 25)
-        self.users = [f"u{self.rng.getrandbits(40):010x}" for _ in range(n_users)]
+        n_users = config.users or max(10, config.events // 25)
+        population = self.rng if config.population_seed is None else random.Random(
+            config.population_seed)
+        self.users = [f"u{population.getrandbits(40):010x}" for _ in range(n_users)]
         # Zipf(1.1): a few heavy users, a long tail.
         weights = [1.0 / (rank + 1) ** 1.1 for rank in range(n_users)]
         total = sum(weights)
         self.cum_weights = list(_accumulate(w / total for w in weights))
-        self.devices = {u: [f"d{self.rng.getrandbits(48):012x}"
-                            for _ in range(self.rng.choice((1, 1, 2)))] for u in self.users}
+        self.devices = {u: [f"d{population.getrandbits(48):012x}"
+                            for _ in range(population.choice((1, 1, 2)))] for u in self.users}
 
     def _event_id(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
@@ -273,6 +282,25 @@ def write_dataset(out_dir: str, config: GeneratorConfig) -> dict:
     """Writes the shards, truth, arrivals and expected metrics; returns the summary."""
     lines, truth, reasons = ClickstreamGenerator(config).generate()
     return _write(out_dir, lines, truth, reasons, config.shards, config.__dict__)
+
+
+def day_configs(config: GeneratorConfig, days: int) -> list[GeneratorConfig]:
+    """`days` consecutive days from `config.date`: each its own traffic (seed + i), all
+    one user population (`population_seed`, default `config.seed`)."""
+    first = datetime.fromisoformat(config.date).date()
+    population = config.seed if config.population_seed is None else config.population_seed
+    return [replace(config, date=(first + timedelta(days=i)).isoformat(),
+                    seed=config.seed + i, population_seed=population)
+            for i in range(days)]
+
+
+def write_days(out_dir: str, config: GeneratorConfig, days: int) -> dict:
+    """A multi-day dataset: the days of `day_configs`, merged in arrival order."""
+    sources = []
+    for day in day_configs(config, days):
+        sources.append(os.path.join(out_dir, "days", day.date))
+        write_dataset(sources[-1], day)
+    return merge_datasets(out_dir, sources, config.shards)
 
 
 def merge_datasets(out_dir: str, sources: Sequence[str], shards: int = 4) -> dict:

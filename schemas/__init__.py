@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from importlib import resources
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 GRANULARITIES = ("hour", "day")
 # The output contract's fixed UTC windows, per granularity.
@@ -32,6 +32,9 @@ LATEST_COLUMNS = (
     "metric", "dims", "granularity", "window_start", "window_end", "value", "revision",
     "timing", "is_final", "emitted_at",
 )
+# Optional on a changelog row: the serialized HLL sketch of a distinct count's window
+# (--distinct hll), stored beside the value so ranges can be counted by a union.
+SKETCH_COLUMN = "sketch"
 DEAD_LETTER_COLUMNS = ("dead_letter_id", "payload", "reason", "detail", "ingest_time")
 
 
@@ -50,6 +53,7 @@ class ChangelogRow(TypedDict):
     timing: str
     is_final: bool
     emitted_at: datetime
+    sketch: NotRequired[bytes | None]
 
 
 class DeadLetterRow(TypedDict):

@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 import schemas
 from schemas import GRANULARITY_SECONDS
 from transforms.batching import EventBatch
-from transforms.distinct import DEFAULT_LG_K, distinct_count_fn
+from transforms.distinct import DEFAULT_LG_K, SketchedCount, distinct_count_fn
 from transforms.events import Event
 from transforms.funnel import FunnelFn, funnel_dims
 from transforms.windowing import WindowByGranularity
@@ -45,6 +45,7 @@ class MetricPane(NamedTuple):
     value: int
     pane_index: int
     runner_timing: str  # the runner's label; the changelog stage re-derives timing
+    sketch: bytes | None = None  # --distinct hll: the window's serialized HLL sketch
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,17 @@ class ToMetricPaneFn(beam.DoFn):
         self._size_ms = GRANULARITY_SECONDS[granularity] * 1000
         self._bounded = bounded
 
-    def process(self, keyed: tuple[WindowedMetricKey, int],
+    def process(self, keyed: tuple[WindowedMetricKey, int | SketchedCount],
                 pane=beam.DoFn.PaneInfoParam) -> Iterable[MetricPane]:
         (metric, dims, start_ms), value = keyed
         index, timing = (0, "ON_TIME") if self._bounded else (
             pane.index, _TIMING_NAMES.get(pane.timing, "UNKNOWN"))
+        sketch = None
+        if isinstance(value, SketchedCount):
+            value, sketch = value
         yield MetricPane(metric, dims, self._granularity, _utc_ms(start_ms),
-                         _utc_ms(start_ms + self._size_ms), int(value), index, timing)
+                         _utc_ms(start_ms + self._size_ms), int(value), index, timing,
+                         sketch)
 
 
 _TIMING_NAMES = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}

@@ -224,6 +224,8 @@ class EmitRetractionsFn(beam.DoFn):
             "is_final": current.finalized,
             "emitted_at": self._clock(),
         }
+        if pane.sketch is not None:
+            new["sketch"] = pane.sketch
         if current.finalized:
             # A pane after the final mark (Prism can deliver one after the horizon timer
             # of a bounded run): it continues the revisions and stays final.
