@@ -17,6 +17,8 @@ setup(
         "duckdb>=1.1",
         "orjson>=3.9",
         "pyarrow>=14",
+        "prometheus-client>=0.20",
+        "confluent-kafka>=2.4",
     ],
     extras_require={
         "test": ["apache-beam[test]>=2.77.0,<2.78", "pytest>=8", "pytest-timeout>=2",

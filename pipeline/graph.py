@@ -38,7 +38,9 @@ class ClickstreamMetrics(beam.PTransform):
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
                  dead_letter_window_s: int = 60,
-                 panes: beam.PTransform | None = None) -> None:
+                 panes: beam.PTransform | None = None,
+                 hot_keys: beam.PTransform | None = None,
+                 bot_policy: beam.PTransform | None = None) -> None:
         super().__init__()
         self._dead_letter_window_s = dead_letter_window_s
         self._config = config
@@ -47,6 +49,8 @@ class ClickstreamMetrics(beam.PTransform):
         self._dedup = dedup
         self._archive = archive
         self._panes = panes
+        self._hot_keys = hot_keys
+        self._bot_policy = bot_policy
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
@@ -56,6 +60,13 @@ class ClickstreamMetrics(beam.PTransform):
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
+        if self._hot_keys is not None:
+            unique | "HotKeys" >> self._hot_keys
+        if self._bot_policy is not None:
+            # Before the archive too: finalize recomputes from the archive, and must
+            # agree with the stream on what was set apart.
+            unique, suspected = unique | "BotPolicy" >> self._bot_policy
+            dead_letters = (dead_letters, suspected) | "AllDeadLetters" >> beam.Flatten()
         if self._archive is not None:
             unique | "RawArchive" >> self._archive
         if not config.bounded:

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline.exporter import exporter_for
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.options import ClickstreamOptions
 from transforms.metrics import MetricsConfig
@@ -145,7 +146,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
         archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
+        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S,
+        hot_keys=options.hot_key_detector(), bot_policy=options.bot_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
@@ -240,6 +242,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     stop = threading.Event()
     with explain_sink_failures(clickstream):
         result = p.run()
+        exporter = exporter_for(result, options)
         reporter = threading.Thread(target=_report_progress,
                                     args=(result, started, stop, progress_every_s),
                                     daemon=True)
@@ -248,6 +251,8 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             state = result.wait_until_finish()
         finally:
             stop.set()
+            if exporter is not None:
+                exporter.stop()
     return RunSummary(counters_of(result), time.monotonic() - started, str(state))
 
 
@@ -283,10 +288,12 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
     reason: list[str] = []
     previous_handlers = _stop_on_signals(stop, reason)
     started = time.monotonic()
+    exporter = None
     try:
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
+        exporter = exporter_for(result, options)
         log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
                  clickstream.input_subscription,
                  f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "")
@@ -318,6 +325,8 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         state = str(result.state)
     finally:
         stop.set()
+        if exporter is not None:
+            exporter.stop()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
     return RunSummary(counters_of(result), time.monotonic() - started, state)
