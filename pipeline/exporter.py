@@ -151,11 +151,20 @@ def snapshot_of(query: dict[str, list]) -> Snapshot:
         if value is None or value.value is None:
             continue
         key = (result.key.metric.namespace, result.key.metric.name)
-        stamp = value.timestamp.timestamp() if hasattr(value.timestamp, "timestamp") \
-            else float(value.timestamp)
+        stamp = _seconds(value.timestamp)
         if key not in snapshot.gauges or stamp > snapshot.gauges[key][1]:
             snapshot.gauges[key] = (int(value.value), stamp)
     return snapshot
+
+
+def _seconds(stamp: Any) -> float:
+    """A gauge's timestamp as Unix seconds: runners give a float, a datetime or a
+    protobuf Timestamp."""
+    if hasattr(stamp, "timestamp"):
+        return float(stamp.timestamp())
+    if hasattr(stamp, "seconds"):
+        return stamp.seconds + stamp.nanos / 1e9
+    return float(stamp or 0)
 
 
 # Beam counter name (in the clickstream namespace) → (family, help, label names) for the
