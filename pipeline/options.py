@@ -88,6 +88,9 @@ class ClickstreamOptions(PipelineOptions):
         group.add_argument("--hot_key_min_share", type=float, default=0.05,
                            help="Report keys (devices) with at least this share of a "
                                 "window's unique events.")
+        group.add_argument("--hot_key_min_events", type=int, default=1000,
+                           help="Report hot keys only for windows with at least this "
+                                "many unique events.")
         group.add_argument("--bot_max_events", type=int, default=0,
                            help="Bot policy: a device with more unique events than this "
                                 "in one --bot_window_s window is suspected automation; "
@@ -160,7 +163,8 @@ class ClickstreamOptions(PipelineOptions):
         if self.hot_key_window_s <= 0:
             return None
         return DetectHotKeys(HotKeyConfig(window_s=self.hot_key_window_s,
-                                          min_share=self.hot_key_min_share))
+                                          min_share=self.hot_key_min_share,
+                                          min_events=self.hot_key_min_events))
 
     def bot_policy(self, clock: Callable[[], float] = time.time) -> BotPolicy | None:
         """The bot policy stage, or None with --bot_max_events 0. Its lateness covers the

@@ -84,7 +84,8 @@ def test_detect_hot_keys_per_window_equals_the_oracle() -> None:
     want = {}
     for start, counts in per_window.items():
         total = sum(counts.values())
-        want[start] = (total, {d for d, n in counts.items() if n >= 0.1 * total})
+        hot = {d for d, n in counts.items() if n >= 0.1 * total}
+        want[start] = (total, hot if total >= 1100 else set())
 
     def check(reports) -> None:
         got = {r.window_start_s: r for r in reports}
@@ -99,7 +100,7 @@ def test_detect_hot_keys_per_window_equals_the_oracle() -> None:
     batches = [EventBatch(events[i:i + 500]) for i in range(0, len(events), 500)]
     with TestPipeline() as p:
         reports = (p | beam.Create(batches)
-                   | DetectHotKeys(HotKeyConfig(window_s=60, min_share=0.1)))
+                   | DetectHotKeys(HotKeyConfig(window_s=60, min_share=0.1, min_events=1100)))
         assert_that(reports, check)
 
 

@@ -161,15 +161,16 @@ def top_keys(keys: FrequentKeys, min_share: float, top: int) -> tuple[int, list[
 class ReportHotKeysFn(beam.DoFn):
     """A window's merged sketch → gauges, a log line and a HotKeyReport."""
 
-    def __init__(self, min_share: float, top: int) -> None:
+    def __init__(self, min_share: float, top: int, min_events: int) -> None:
         self._min_share = min_share
         self._top = top
+        self._min_events = min_events
 
     def process(self, keyed: tuple[str, FrequentKeys],
                 window=beam.DoFn.WindowParam) -> Iterable[HotKeyReport]:
         dimension, keys = keyed
         total, hot = top_keys(keys, self._min_share, self._top)
-        if not hot:
+        if not hot or total < self._min_events:
             return
         for key in hot:
             Metrics.gauge(METRICS_NAMESPACE, f"{HOT_KEY_GAUGE_PREFIX}{dimension}.{key.key}"
@@ -187,6 +188,9 @@ class HotKeyConfig:
     min_share: float = 0.05  # report keys with at least this share of a window
     top: int = 10
     lg_max_k: int = 10  # sketch of up to 2^10 counters: share error ≤ ~0.35%
+    # A window with fewer events reports nothing: in a trickle every device is "hot",
+    # and each reported key is a gauge the job keeps for good.
+    min_events: int = 1000
     dimensions: tuple[str, ...] = ("device_id",)
 
 
@@ -209,7 +213,7 @@ class DetectHotKeys(beam.PTransform):
                     SketchPerBundleFn(c.dimensions, c.window_s, c.lg_max_k))
                 | "Window" >> beam.WindowInto(FixedWindows(c.window_s))
                 | "MergePerWindow" >> beam.CombinePerKey(MergeSketchesFn(c.lg_max_k))
-                | "Report" >> beam.ParDo(ReportHotKeysFn(c.min_share, c.top)))
+                | "Report" >> beam.ParDo(ReportHotKeysFn(c.min_share, c.top, c.min_events)))
 
 
 # --- the bot policy ------------------------------------------------------------------
