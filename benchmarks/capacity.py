@@ -215,6 +215,16 @@ def horizon_error(data_dir: str, horizons_h: Sequence[int] = (1, 6, 24, 48)
             for h in horizons_h]
 
 
+def dataset_shares(data_dir: Path) -> dict[str, float]:
+    """Mean payload size and the duplicate and dead-letter shares of the dataset."""
+    counts = json.loads((data_dir / "expected.json").read_text())["counts"]
+    sizes = [len(line) for path in sorted(data_dir.glob("events-*.jsonl"))
+             for line in path.read_bytes().splitlines()]
+    return {"mean_payload_bytes": statistics.mean(sizes),
+            "duplicate_share": counts["duplicates"] / counts["read"],
+            "dead_letter_share": counts["dead_letter"] / counts["read"]}
+
+
 # --- the report ---------------------------------------------------------------------------
 
 def run_prefix(data_dir: Path, upto: int) -> dict[str, Any]:
@@ -232,12 +242,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bench-data"))
+    parser.add_argument("--from-json", help="rewrite OUT/capacity.md from a capacity.json")
     parser.add_argument("--_prefix", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_data", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._prefix is not None:
         measure_prefix(args._data, args._prefix, args._result)
+        return 0
+    out = Path(args.out)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report.update(dataset_shares(Path(report["dataset"])))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "capacity.json").write_text(json.dumps(report, indent=1))
+        (out / "capacity.md").write_text(markdown(report))
+        print(markdown(report))
         return 0
 
     from benchmarks.run import dataset, environment
@@ -273,13 +293,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dedup_state": dedup_state_bytes(),
         "bloom": [bloom_error(200_000, p) for p in (1e-2, 1e-3, 1e-4)],
         "horizon": horizon_error(str(data_dir)),
+        **dataset_shares(data_dir),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "capacity.json").write_text(json.dumps(report, indent=1))
     (out / "capacity.md").write_text(markdown(report))
     print(markdown(report))
     return 0
+
+
+RATES = {"average": 11_600, "peak": 58_000}  # events/s: a billion a day, 5x peaks
+EVENTS_PER_DAY = 1_000_000_000
+TARGET_UTILIZATION = 0.7  # headroom kept on each core (an assumption, not a measurement)
+STATE_DAYS = 4  # ids of the current day + 3 days of allowed lateness are held
+BUNDLE_EVENTS = 1000  # Beam's Flink runner default --max_bundle_size
+
+
+def model(r: dict[str, Any]) -> dict[str, Any]:
+    """The measured inputs extrapolated to RATES. Every input is from `r` (measured);
+    the formulas are the model's (docs/capacity.md)."""
+    us = {s["stage"]: s["us_per_event"] for s in r["stages"]}
+    core_us = sum(us[s] for s in ("read", "parse", "dedup", "metrics", "retract",
+                                  "sink_duckdb"))
+    state = max(r["dedup_state"], key=lambda d: d["ids"])
+    ids_held = EVENTS_PER_DAY * (1 - r["duplicate_share"]) * STATE_DAYS
+    keys = r["window_keys"]
+    per_firing = 2 * (keys["hour"]["max_keys"] + keys["day"]["max_keys"])
+    late_bound = 2 * ((24 * 3 + 1) * keys["hour"]["max_keys"]
+                      + (3 + 1) * keys["day"]["max_keys"])
+    out: dict[str, Any] = {
+        "python_us_per_event": core_us,
+        "python_us_per_event_with_hot_keys": core_us + us["hot_keys"],
+        "ids_held": ids_held,
+        "rocksdb_bytes": ids_held * state["encoded_bytes_per_id"],
+        "heap_bytes": ids_held * state["memory_bytes_per_id"],
+        "changelog_rows_per_s_early": per_firing / 60,
+        "changelog_rows_per_s_late_bound": late_bound / 60,
+        "kafka_bytes_per_day": EVENTS_PER_DAY * r["mean_payload_bytes"],
+        "rates": {},
+    }
+    for name, rate in RATES.items():
+        out["rates"][name] = {
+            "events_per_s": rate,
+            "python_vcpus": rate * core_us / 1e6 / TARGET_UTILIZATION,
+            "python_vcpus_with_hot_keys": rate * (core_us + us["hot_keys"]) / 1e6
+            / TARGET_UTILIZATION,
+            "dead_letter_rows_per_s": rate * r["dead_letter_share"],
+            # A bucket's value (every id it holds, all open days) is rewritten whole by
+            # each bundle that touches it: rate / bundle size bundles a second, each
+            # touching min(buckets, bundle size) buckets of state / buckets bytes.
+            "dedup_state_write_bytes_per_s": {
+                str(b): rate * ids_held * state["encoded_bytes_per_id"]
+                / max(b, BUNDLE_EVENTS) for b in (10_000, 100_000, 1_000_000)},
+        }
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -322,6 +389,38 @@ def markdown(r: dict[str, Any]) -> str:
     for g, k in sorted(r["window_keys"].items()):
         lines.append(f"- {g}: {k['windows']} windows, max {k['max_keys']} keys, "
                      f"mean {k['mean_keys']:.1f}")
+    m = model(r)
+    gib = 2 ** 30
+    lines += ["", "## Extrapolated (model of docs/capacity.md; inputs above)", "",
+              f"Python cost per event, read → DuckDB sink: {m['python_us_per_event']:.1f} µs "
+              f"({m['python_us_per_event_with_hot_keys']:.1f} µs with the hot-key sketch); "
+              f"cores kept at {TARGET_UTILIZATION:.0%} busy.", "",
+              "| load | events/s | Python vCPUs | + hot keys | dead-letter rows/s |",
+              "|---|---:|---:|---:|---:|"]
+    for name, x in m["rates"].items():
+        lines.append(f"| {name} | {x['events_per_s']:,} | {x['python_vcpus']:.1f} | "
+                     f"{x['python_vcpus_with_hot_keys']:.1f} | "
+                     f"{x['dead_letter_rows_per_s']:.1f} |")
+    lines += ["", f"Dedup state: {m['ids_held'] / 1e9:.1f} billion ids held ({STATE_DAYS} "
+              f"days of unique events); encoded as stored: {m['rocksdb_bytes'] / gib:,.0f} GiB "
+              f"(RocksDB, before its own compression and space amplification); as Python "
+              f"objects on a heap: {m['heap_bytes'] / gib:,.0f} GiB.", "",
+              "Dedup state rewritten per second (a bucket's value, every id of its open "
+              f"days, is rewritten whole by each bundle that touches it; bundles of "
+              f"{BUNDLE_EVENTS:,} events):", "",
+              "| load | 10k buckets | 100k buckets | 1M buckets |", "|---|---:|---:|---:|"]
+    for name, x in m["rates"].items():
+        w = x["dedup_state_write_bytes_per_s"]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{w[b] / gib:,.2f} GiB/s" for b in ("10000", "100000", "1000000")) + " |")
+    lines += ["", f"Changelog (BigQuery rows/s; Bigtable writes are half: no retractions): "
+              f"{m['changelog_rows_per_s_early']:.1f}/s from early panes of the open hour "
+              f"and day, at most {m['changelog_rows_per_s_late_bound']:.1f}/s with late "
+              "panes for every window inside the lateness (60 s firing periods); set by the "
+              "number of keys per window, not by the event rate.",
+              f"Kafka: {m['kafka_bytes_per_day'] / gib:,.0f} GiB a day of payloads "
+              f"(mean {r['mean_payload_bytes']:.0f} bytes), before compression and "
+              "replication."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,19 @@
 
     python -m benchmarks.measure --mode graph|baseline --data DIR --duckdb FILE
                                  --result FILE [--profile FILE]
+                                 [--runner direct|flink] [--parallelism N] [ARG ...]
 
 Wall and CPU time cover building and running the pipeline only (imports come first);
 peak RSS is this process's high-water mark, read right after the run, before the
 oracle is loaded. The result is written as JSON to --result.
+
+``--runner flink`` runs the graph on FlinkRunner ``[local]`` (runners/flink.py's preset,
+no checkpoints: a bounded job), LOOPBACK, at ``--parallelism``; the caller runs this
+process in a private network namespace (the LOOPBACK worker binds every interface).
+The job server is a Java child of this process: its CPU time and peak RSS are read from
+/proc right after the run (it is still up then; Beam stops it at exit), and reported
+beside this Python process's own. Extra ARGs go to the pipeline (e.g.
+``--max_bundle_size=5000``).
 """
 
 from __future__ import annotations
@@ -48,10 +57,56 @@ SINK_ROWS_SQL = """
            (SELECT count(*) FROM dead_letter)"""
 
 
-def pipeline_args(data_dir: str, duckdb_path: str) -> list[str]:
+# A bounded job needs no checkpoints, RocksDB or checkpoint storage.
+FLINK_BOUNDED: dict[str, object] = {
+    "checkpointing_interval": None, "min_pause_between_checkpoints": None,
+    "state_backend": None, "state_backend_storage_path": None,
+    "externalized_checkpoints_enabled": None,
+    "retain_externalized_checkpoints_on_cancellation": None,
+}
+
+
+def runner_args(runner: str, parallelism: int) -> list[str]:
+    if runner == "flink":
+        from runners import preset_args
+
+        return preset_args("flink", **FLINK_BOUNDED, parallelism=parallelism)
+    return ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+def pipeline_args(data_dir: str, duckdb_path: str, runner: str = "direct",
+                  parallelism: int = 1, extra: Sequence[str] = ()) -> list[str]:
     return ["--input_files", os.path.join(data_dir, "events-*.jsonl"),
-            "--duckdb_path", duckdb_path,
-            "--direct_num_workers=1", "--direct_running_mode=in_memory"]
+            "--duckdb_path", duckdb_path, *runner_args(runner, parallelism), *extra]
+
+
+def java_children() -> list[int]:
+    """PIDs of the java processes this process started (Flink's job server)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+            if int(rest.split()[1]) == me and comm.endswith("(java"):
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds user+sys, peak RSS MiB) of a live process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    peak = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    return cpu_s, peak
 
 
 _runners_used: list[str] = []
@@ -118,8 +173,9 @@ def _write_profile(profiler: cProfile.Profile, path: str, top: int = 30) -> None
 
 
 def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None,
-            progress_every_s: float) -> dict[str, Any]:
-    argv = pipeline_args(data_dir, duckdb_path)
+            progress_every_s: float, runner: str = "direct", parallelism: int = 1,
+            extra: Sequence[str] = ()) -> dict[str, Any]:
+    argv = pipeline_args(data_dir, duckdb_path, runner, parallelism, extra)
     _record_runner_choice()
     profiler = cProfile.Profile() if profile_path else None
     rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -139,6 +195,9 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
     wall_s = time.perf_counter() - wall0
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    java = [process_usage(pid) for pid in java_children()]
+    java_cpu_s = sum(cpu for cpu, _ in java)
+    java_peak_mib = max((peak for _, peak in java), default=0.0)
     if profiler and profile_path:
         _write_profile(profiler, profile_path)
 
@@ -155,10 +214,16 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
     changelog_rows, latest_rows, final_rows, dead_letter_rows = read_rows(
         duckdb_path, SINK_ROWS_SQL)[0]
     changelog_mismatches = len(compare.changelog_mismatches(duckdb_path))
-    cpu_s = user_s + sys_s
+    python_cpu_s = user_s + sys_s
+    cpu_s = python_cpu_s + java_cpu_s
+    flink = runner == "flink"
     return {
         "mode": mode,
-        "runner": _runners_used[-1] if _runners_used else "unknown",
+        "runner": (f"FlinkRunner [local] p={parallelism}" if flink else
+                   _runners_used[-1] if _runners_used else "unknown"),
+        "runner_option": runner,
+        "parallelism": parallelism if flink else 1,
+        "pipeline_args": argv,
         "runners_tried": list(_runners_used),
         "dedup": ("transforms.dedup.DeduplicateEvents" if mode == "graph" else
                   "apache_beam.transforms.deduplicate.DeduplicatePerKey"),
@@ -171,6 +236,10 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
         "cpu_user_s": user_s,
         "cpu_sys_s": sys_s,
         "cpu_s": cpu_s,
+        "cpu_python_s": python_cpu_s,
+        "cpu_java_s": java_cpu_s,
+        "peak_rss_java_mib": java_peak_mib,
+        "java_processes": len(java),
         "events_per_cpu_s": read / cpu_s if cpu_s else 0.0,
         "cpu_per_wall": cpu_s / wall_s if wall_s else 0.0,
         "peak_rss_mib": self1.ru_maxrss / 1024,
@@ -200,12 +269,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default=None,
                         help="Run under cProfile; write the top functions here.")
     parser.add_argument("--progress-every", type=float, default=10.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--runner", choices=("direct", "flink"), default="direct")
+    parser.add_argument("--parallelism", type=int, default=1,
+                        help="FlinkRunner parallelism (direct: always one worker).")
+    args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    result = measure(args.mode, args.data, args.duckdb, args.profile, args.progress_every)
+    result = measure(args.mode, args.data, args.duckdb, args.profile, args.progress_every,
+                     args.runner, args.parallelism, extra)
     with open(args.result, "w") as f:
         json.dump(result, f, indent=1)
     return 0

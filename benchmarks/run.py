@@ -2,6 +2,8 @@
 
     python -m benchmarks.run --sizes 100000 1000000 [--out bench-results/]
                              [--skip-baseline] [--profile] [--seed 1]
+                             [--runner direct flink] [--flink-parallelism 1 2]
+                             [--pipeline-arg=--max_bundle_size=5000 ...]
 
 For each size a dataset is generated once (cached under .cache/bench-data/), then each
 graph runs in its own process (benchmarks.measure) on the DirectRunner, batch, one
@@ -10,6 +12,10 @@ around building and running the pipeline (no interpreter start-up or imports), e
 CPU seconds (user+sys, getrusage) and events per CPU-second, peak RSS, whether the
 counters reconcile and whether DuckDB's metric_latest equals the generator's oracle.
 Results go to OUT/results.json and OUT/results.md; --profile adds OUT/profile-graph-N.txt.
+``--runner flink`` adds the graph on FlinkRunner ``[local]`` (Beam's Flink job server,
+LOOPBACK, in a private network namespace) at each ``--flink-parallelism``, beside the
+DirectRunner runs of the same invocation; its CPU and peak RSS count the job server's
+Java process too, and the table shows each Flink run's ratio to the DirectRunner's.
 Exit status 1 if any run failed or disagreed with the oracle.
 
     python -m benchmarks.run --streaming [--rates 20 100 300] [--duration-s 60]
@@ -148,19 +154,39 @@ def _proc_status_mib(pid: int, key: str = "VmRSS") -> float | None:
     return None
 
 
+# Runs "$0" "$@" after bringing loopback up in a new network namespace.
+_LO_UP_AND_EXEC = 'ip link set lo up && exec "$0" "$@"'
+
+
+def netns_prefix() -> list[str]:
+    """Command prefix for a private network namespace with only loopback up (Flink's
+    LOOPBACK worker binds every interface)."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        raise SystemExit("benchmark: --runner flink needs unshare and ip (util-linux, "
+                         "iproute2) to keep the LOOPBACK worker off the network")
+    flags = ["--net"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--net"]
+    return ["unshare", *flags, "sh", "-c", _LO_UP_AND_EXEC]
+
+
 def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: float,
-              profile_path: Path | None = None) -> dict[str, Any]:
-    label = f"{mode}{' (cProfile)' if profile_path else ''} @ {size:,}"
+              profile_path: Path | None = None, runner: str = "direct",
+              parallelism: int = 1, extra: Sequence[str] = ()) -> dict[str, Any]:
+    where = f" on flink p={parallelism}" if runner == "flink" else ""
+    label = f"{mode}{where}{' (cProfile)' if profile_path else ''} @ {size:,}"
     prefix = f"[{label}]"
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    suffix = "-profile" if profile_path else ""
+    suffix = ("-profile" if profile_path else "") + (
+        f"-flink-p{parallelism}" if runner == "flink" else "")
     log_path = logs / f"{size}-{mode}{suffix}.log"
     work = Path(tempfile.mkdtemp(prefix="clickstream-bench-"))
     result_path = work / "result.json"
     command = [sys.executable, "-m", "benchmarks.measure", "--mode", mode,
                "--data", str(data_dir), "--duckdb", str(work / "bench.duckdb"),
-               "--result", str(result_path)]
+               "--result", str(result_path), "--runner", runner,
+               "--parallelism", str(parallelism), *extra]
+    if runner == "flink":
+        command = [*netns_prefix(), *command]
     if profile_path:
         command += ["--profile", str(profile_path)]
     env = dict(os.environ)
@@ -195,6 +221,9 @@ def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: 
             say(f"{prefix} FAILED (exit {child.returncode}) after {_clock(elapsed)}; "
                 f"see {log_path}")
             return {"mode": mode, "size": size, "error": f"exit {child.returncode}",
+                    "runner_option": runner, "parallelism": parallelism,
+                    "runner": f"FlinkRunner [local] p={parallelism}" if runner == "flink"
+                    else "DirectRunner",
                     "log": str(log_path), "log_tail": "".join(tail[-20:])}
         with open(result_path) as f:
             result = json.load(f)
@@ -281,19 +310,33 @@ def markdown(report: dict[str, Any]) -> str:
          "`DeduplicatePerKey` on event_id, which sends the whole graph to the "
          "BundleBasedDirectRunner."),
         "",
+        *_flink_lines(report),
         *runs_table(
             report["runs"], lambda r: f"{r['size']:,}",
             ("events:", "run", "runner", "read:", "wall s:", "events/s:",
-             "events/s per worker:", "CPU s (user+sys):", "events/CPU-s:", "CPU/wall:",
-             "peak RSS MiB:", "reconciles", "counts = generator", "DuckDB = oracle"),
+             "events/s per worker:", "CPU s (user+sys):", "of it Java:", "events/CPU-s:",
+             "CPU/wall:", "peak RSS MiB (Python):", "peak RSS MiB (Java):", "reconciles",
+             "counts = generator", "DuckDB = oracle"),
             lambda r: [
                 r["runner"], f"{r['events_read']:,}", f"{r['wall_s']:.1f}",
                 f"{r['events_per_s']:,.0f}", f"{r['events_per_s'] / r['workers']:,.0f}",
-                f"{r['cpu_s']:.1f}", f"{r['events_per_cpu_s']:,.0f}",
+                f"{r['cpu_s']:.1f}", f"{r.get('cpu_java_s', 0.0):.1f}",
+                f"{r['events_per_cpu_s']:,.0f}",
                 f"{r['cpu_per_wall']:.2f}", f"{r['peak_rss_mib']:,.0f}",
+                f"{r.get('peak_rss_java_mib', 0.0):,.0f}",
                 _yes(r["reconciles"]), _yes(r["counts_match"]),
                 _yes(r["oracle_match"] and r["changelog_sums_to_latest"])]),
     ]
+    if report.get("runner_ratios"):
+        lines += [
+            "",
+            ("| events | runner | events/s vs DirectRunner | events/CPU-s vs DirectRunner "
+             "| wall s vs DirectRunner |"),
+            "|---:|---|---:|---:|---:|",
+        ]
+        for q in report["runner_ratios"]:
+            lines.append(f"| {q['size']:,} | {q['runner']} | {q['events_per_s']:.2f}x "
+                         f"| {q['events_per_cpu_s']:.2f}x | {q['wall_s']:.2f}x |")
     if report["speedups"]:
         lines += [
             "",
@@ -317,6 +360,30 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("profile"):
         lines += ["", f"Profile: `{report['profile']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _flink_lines(report: dict[str, Any]) -> list[str]:
+    """What the FlinkRunner rows are, and the machine's load (others share it)."""
+    lines = []
+    if "flink" in report["arguments"].get("runners", ()):
+        extra = report["arguments"].get("extra_pipeline_args") or []
+        lines += [
+            ("FlinkRunner rows: the same graph on Beam's Flink job server (Flink 1.19 "
+             "embedded, `--flink_master=[local]`), LOOPBACK (one Python SDK worker in the "
+             "measuring process), batch, no checkpoints, at the parallelism shown, in a "
+             "private network namespace. Wall and CPU include starting the job server "
+             "JVM; CPU is the Python process plus the job server's Java process (from "
+             "/proc), peak RSS is each process's VmHWM."
+             + (f" Extra pipeline args: `{' '.join(extra)}`." if extra else "")),
+            "",
+        ]
+    if report.get("load_avg_start"):
+        start, end = report["load_avg_start"], report["load_avg_end"]
+        lines += [f"Load average (1/5/15 min) at start {start[0]:.1f}/{start[1]:.1f}/"
+                  f"{start[2]:.1f}, at end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f} on "
+                  f"{report['environment']['cpus']} CPUs (other work shares the machine).",
+                  ""]
+    return lines
 
 
 def streaming_markdown(report: dict[str, Any]) -> str:
@@ -366,8 +433,26 @@ def streaming_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runner_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each FlinkRunner run of the graph against the DirectRunner's at the same size."""
+    direct = {r["size"]: r for r in runs if "error" not in r and r["mode"] == "graph"
+              and r.get("runner_option", "direct") == "direct"}
+    out = []
+    for r in runs:
+        base = direct.get(r["size"])
+        if ("error" in r or r.get("runner_option") != "flink" or base is None
+                or not base["events_per_s"] or not base["events_per_cpu_s"]):
+            continue
+        out.append({"size": r["size"], "runner": r["runner"],
+                    "events_per_s": r["events_per_s"] / base["events_per_s"],
+                    "events_per_cpu_s": r["events_per_cpu_s"] / base["events_per_cpu_s"],
+                    "wall_s": r["wall_s"] / base["wall_s"]})
+    return out
+
+
 def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by_key = {(r["size"], r["mode"]): r for r in runs if "error" not in r}
+    by_key = {(r["size"], r["mode"]): r for r in runs if "error" not in r
+              and r.get("runner_option", "direct") == "direct"}
     result = []
     for size in sorted({r["size"] for r in runs}):
         graph, baseline = by_key.get((size, "graph")), by_key.get((size, "baseline"))
@@ -413,13 +498,24 @@ def bounded(args: argparse.Namespace, modes: Sequence[str], out_dir: Path,
         f"{env['cpus']} CPUs; results → {out_dir}")
 
     datasets = {size: dataset(Path(args.data_dir), size, args.seed) for size in args.sizes}
+    load_at_start = list(os.getloadavg())
     runs: list[dict[str, Any]] = []
-    total = len(args.sizes) * len(modes)
+    plan: list[tuple[str, str, int]] = []
+    for runner in args.runner:
+        if runner == "flink":  # the graph only: the baseline is a DirectRunner comparison
+            plan += [("graph", "flink", n) for n in args.flink_parallelism]
+        else:
+            plan += [(mode, "direct", 1) for mode in modes]
+    total = len(args.sizes) * len(plan)
     for size in args.sizes:
-        for mode in modes:
-            say(f"--- run {len(runs) + 1}/{total}: {mode} @ {size:,} events "
-                f"(total elapsed {_clock(time.monotonic() - started)})")
-            runs.append(run_child(mode, size, datasets[size], out_dir, args.heartbeat))
+        for mode, runner, parallelism in plan:
+            say(f"--- run {len(runs) + 1}/{total}: {mode} on {runner}"
+                f"{f' p={parallelism}' if runner == 'flink' else ''} @ {size:,} events "
+                f"(total elapsed {_clock(time.monotonic() - started)}, load "
+                f"{os.getloadavg()[0]:.1f})")
+            runs.append(run_child(mode, size, datasets[size], out_dir, args.heartbeat,
+                                  runner=runner, parallelism=parallelism,
+                                  extra=args.pipeline_arg))
 
     profile_file = None
     if args.profile:
@@ -436,12 +532,18 @@ def bounded(args: argparse.Namespace, modes: Sequence[str], out_dir: Path,
         "started_at": started_at,
         "finished_at": _utc_now(),
         "arguments": {"sizes": args.sizes, "seed": args.seed, "modes": list(modes),
+                      "runners": list(args.runner),
+                      "flink_parallelism": list(args.flink_parallelism),
+                      "extra_pipeline_args": list(args.pipeline_arg),
                       "pipeline_args": ["--direct_num_workers=1",
                                         "--direct_running_mode=in_memory"]},
         "environment": env,
+        "load_avg_start": load_at_start,
+        "load_avg_end": list(os.getloadavg()),
         "datasets": {str(size): str(path) for size, path in datasets.items()},
         "runs": runs,
         "speedups": speedups(runs),
+        "runner_ratios": runner_ratios(runs),
         "profile": profile_file,
     }
     return report, all(run_ok(r) for r in runs)
@@ -494,6 +596,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="Also run the graph at the first size under cProfile and "
                              "write the top 30 functions by tottime.")
     parser.add_argument("--seed", type=int, default=1, help="Generator seed.")
+    parser.add_argument("--runner", nargs="+", choices=("direct", "flink"),
+                        default=["direct"],
+                        help="Runners of the bounded benchmark, in this order: direct "
+                             "(graph and baseline), flink (the graph on FlinkRunner "
+                             "[local], one run per --flink-parallelism).")
+    parser.add_argument("--flink-parallelism", nargs="+", type=int, default=[1, 2],
+                        help="FlinkRunner parallelism of each Flink run.")
+    parser.add_argument("--pipeline-arg", action="append", default=[],
+                        help="Extra pipeline option for every run, e.g. "
+                             "--pipeline-arg=--max_bundle_size=5000 (repeatable).")
     parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bench-data"),
                         help="Cache of generated datasets.")
     parser.add_argument("--heartbeat", type=float, default=15.0,

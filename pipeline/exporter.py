@@ -348,14 +348,15 @@ class MetricsExporter:
         self.stop()
 
 
-def poll_job(result: Any, lag: Callable[[], list[PartitionLag]] | None = None
-             ) -> Callable[[], Snapshot]:
-    """A poll function for a running job: its Beam metrics (all namespaces) and, when
-    given, the consumer lag. A failing lag read leaves the lag out of that poll (the
-    exporter logs it) rather than hiding the job's own metrics."""
+def poll_job(metrics: Callable[[], Any],
+             lag: Callable[[], list[PartitionLag]] | None = None) -> Callable[[], Snapshot]:
+    """A poll function for a running job: its Beam metrics (all namespaces) from
+    `metrics()` (a MetricResults, e.g. ``result.metrics``) and, when given, the consumer
+    lag. A failing lag read leaves the lag out of that poll (the exporter logs it) rather
+    than hiding the job's own metrics."""
 
     def poll() -> Snapshot:
-        snapshot = snapshot_of(result.metrics().query())
+        snapshot = snapshot_of(metrics().query())
         if lag is not None:
             try:
                 snapshot.partitions = lag()
@@ -366,8 +367,10 @@ def poll_job(result: Any, lag: Callable[[], list[PartitionLag]] | None = None
     return poll
 
 
-def exporter_for(result: Any, options: PipelineOptions) -> MetricsExporter | None:
-    """The exporter the --metrics_* and --lag_* flags ask for, started, or None."""
+def exporter_for(metrics: Callable[[], Any], options: PipelineOptions
+                 ) -> MetricsExporter | None:
+    """The exporter the --metrics_* and --lag_* flags ask for, started, or None.
+    `metrics()` returns the running job's MetricResults."""
     monitoring = options.view_as(MonitoringOptions)
     if monitoring.metrics_port < 0:
         return None
@@ -382,6 +385,6 @@ def exporter_for(result: Any, options: PipelineOptions) -> MetricsExporter | Non
         def lag() -> list[PartitionLag]:
             return kafka_consumer_lag(bootstrap, group, topics)
 
-    return MetricsExporter(poll_job(result, lag), monitoring.metrics_port,
+    return MetricsExporter(poll_job(metrics, lag), monitoring.metrics_port,
                            monitoring.metrics_host, monitoring.metrics_poll_s,
                            monitoring.freshness_target_s).start()

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.metrics.metric import MetricResults, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability import portable_runner
 
 from pipeline.exporter import exporter_for
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
@@ -34,37 +35,83 @@ log = logging.getLogger("clickstream")
 STREAMING_DEAD_LETTER_WINDOW_S = 5
 
 
+@dataclass(frozen=True)
+class SinkTally:
+    """What reached the DuckDB sink: the reconciliation where the runner returns no
+    counters. Unique valid events counted in day windows, dead letters by reason."""
+
+    counted: int
+    dead_letter_by_reason: dict[str, int]
+
+    @property
+    def dead_letter(self) -> int:
+        return sum(self.dead_letter_by_reason.values())
+
+    @classmethod
+    def from_duckdb(cls, path: str) -> SinkTally:
+        from transforms.sink_duckdb import read_rows
+
+        counted = read_rows(path, "SELECT coalesce(sum(value), 0) FROM metric_latest "
+                                  "WHERE metric = 'events' AND granularity = 'day'")[0][0]
+        reasons = read_rows(path, "SELECT reason, count(*) FROM dead_letter GROUP BY 1")
+        return cls(int(counted), {str(r): int(n) for r, n in reasons})
+
+
 @dataclass
 class RunSummary:
     counters: dict[str, int]
     elapsed_s: float
     state: str
+    # Filled where the runner returned no counters and the run wrote a DuckDB file.
+    sink: SinkTally | None = None
 
     @property
     def read(self) -> int:
         return self.counters.get("read", 0)
 
     @property
+    def counters_available(self) -> bool:
+        """Whether the runner returned the job's counters. A run that read anything
+        counts `read`; none at all means the runner gave nothing back (Flink's job
+        service has no metrics for a job it did not see finish)."""
+        return "read" in self.counters
+
+    @property
     def reconciles(self) -> bool:
+        """read = unique + duplicates + dead letter, by the job's own counters; False
+        when there are none (then the sink tally is what there is)."""
         c = self.counters
-        return c.get("read", 0) == (c.get("unique", 0) + c.get("duplicates", 0)
-                                    + c.get("dead_letter", 0))
+        return self.counters_available and c["read"] == (
+            c.get("unique", 0) + c.get("duplicates", 0) + c.get("dead_letter", 0))
 
     def render(self) -> str:
         c = self.counters
-        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
-        lines = [
-            f"pipeline state: {self.state}",
-            f"read {c.get('read', 0):,} = unique valid {c.get('unique', 0):,}"
-            f" + duplicates {c.get('duplicates', 0):,}"
-            f" + dead letter {c.get('dead_letter', 0):,}"
-            f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]",
-        ]
-        reasons = {k.split(".", 1)[1]: v for k, v in c.items()
-                   if k.startswith("dead_letter.")}
+        lines = [f"pipeline state: {self.state}"]
+        if self.counters_available:
+            lines.append(
+                f"read {c['read']:,} = unique valid {c.get('unique', 0):,}"
+                f" + duplicates {c.get('duplicates', 0):,}"
+                f" + dead letter {c.get('dead_letter', 0):,}"
+                f"  [{'reconciled' if self.reconciles else 'DOES NOT RECONCILE'}]")
+            reasons = {k.split(".", 1)[1]: v for k, v in c.items()
+                       if k.startswith("dead_letter.")}
+        else:
+            lines.append("counters unavailable on this runner (it returned no Beam "
+                         "metrics for this job), so nothing reconciles by counters")
+            reasons = self.sink.dead_letter_by_reason if self.sink else {}
+            if self.sink:
+                lines.append(f"from the sink: {self.sink.counted:,} unique valid events "
+                             f"counted in day windows, {self.sink.dead_letter:,} dead "
+                             "letters (duplicates and events too late for their windows "
+                             "are not in the sink)")
+            else:
+                lines.append("no DuckDB sink to reconcile from: check the stores")
         if reasons:
             lines.append("dead letter by reason: " + ", ".join(
                 f"{k}={v}" for k, v in sorted(reasons.items())))
+        if not self.counters_available:
+            lines.append(f"elapsed {self.elapsed_s:.1f} s")
+            return "\n".join(lines)
         if "archive_events" in c:
             lines.append(f"raw archive: {c['archive_events']:,} events in "
                          f"{c.get('archive_files', 0):,} files")
@@ -75,12 +122,33 @@ class RunSummary:
         lines.append(f"changelog rows: {c.get('changelog_revisions', 0):,} revisions, "
                      f"{c.get('changelog_retractions', 0):,} retractions, "
                      f"{c.get('windows_finalized', 0):,} windows final")
+        rate = self.read / self.elapsed_s if self.elapsed_s else 0.0
         lines.append(f"elapsed {self.elapsed_s:.1f} s, {rate:,.0f} events/s")
         return "\n".join(lines)
 
 
+def summarize(result: beam.runners.runner.PipelineResult, elapsed_s: float, state: str,
+              options: ClickstreamOptions) -> RunSummary:
+    """The run's summary: its counters, or where the runner returned none, the tally of
+    what reached the DuckDB sink."""
+    counters = counters_of(result)
+    summary = RunSummary(counters, elapsed_s, state)
+    if not summary.counters_available and options.duckdb_path:
+        summary.sink = SinkTally.from_duckdb(options.duckdb_path)
+    return summary
+
+
+def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
+    # Beam's portable PipelineResult keeps its first GetJobMetrics answer for good; the
+    # progress line asks while the job runs, and Flink's job service answers with the
+    # job's metrics only once the job has finished. So ask again every time.
+    if isinstance(result, portable_runner.PipelineResult):
+        result._metrics = None
+    return result.metrics()
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
-    return result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
 
 def _counters(query: dict[str, list]) -> dict[str, int]:
@@ -222,10 +290,15 @@ def _report_progress(result: beam.runners.runner.PipelineResult, started: float,
     while not stop.wait(every_s):
         try:
             query = _query(result)  # one metrics query a line
-            read, lag_s = _counters(query).get("read", 0), _watermark_lag(query)
+            counters, lag_s = _counters(query), _watermark_lag(query)
         except Exception:
             continue
         elapsed = time.monotonic() - started
+        if "read" not in counters and lag_s is None:
+            log.info("progress: %s s, job %s (this runner reports no counters while the "
+                     "job runs)", f"{elapsed:.0f}", result.state)
+            continue
+        read = counters.get("read", 0)
         log.info("progress: %s s, %s events read (%s/s)%s", f"{elapsed:.0f}", f"{read:,}",
                  f"{read / elapsed:,.0f}",
                  "" if lag_s is None else f", watermark lag {lag_s:,} s")
@@ -242,7 +315,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     stop = threading.Event()
     with explain_sink_failures(clickstream):
         result = p.run()
-        exporter = exporter_for(result, options)
+        exporter = exporter_for(lambda: _metrics(result), options)
         reporter = threading.Thread(target=_report_progress,
                                     args=(result, started, stop, progress_every_s),
                                     daemon=True)
@@ -253,7 +326,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             stop.set()
             if exporter is not None:
                 exporter.stop()
-    return RunSummary(counters_of(result), time.monotonic() - started, str(state))
+    return summarize(result, time.monotonic() - started, str(state), clickstream)
 
 
 def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> None:
@@ -267,7 +340,9 @@ def _settle(result: beam.runners.runner.PipelineResult, timeout_s: float) -> Non
             counters = counters_of(result)
         except Exception:
             counters = {}
-        if RunSummary(counters, 0.0, "").reconciles and counters == previous:
+        # No counters at all: the runner returns none while the job runs (Flink).
+        stable = counters == previous
+        if stable and (not counters or RunSummary(counters, 0.0, "").reconciles):
             return
         previous = counters
         time.sleep(0.5)
@@ -293,7 +368,7 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
-        exporter = exporter_for(result, options)
+        exporter = exporter_for(lambda: _metrics(result), options)
         log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
                  clickstream.input_subscription,
                  f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "")
@@ -329,7 +404,7 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
             exporter.stop()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    return RunSummary(counters_of(result), time.monotonic() - started, state)
+    return summarize(result, time.monotonic() - started, state, clickstream)
 
 
 def _wait_for(result: beam.runners.runner.PipelineResult, stop: threading.Event,

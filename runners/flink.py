@@ -2,7 +2,9 @@
 
 ``--flink_master=[local]`` runs an embedded Flink inside Beam's Flink job server (a
 Java process started by the Python FlinkRunner); ``host:8081`` submits to a Flink
-session cluster. The job server jar comes from scripts/fetch_flink_jobserver.
+session cluster. The job server jar comes from scripts/fetch_flink_jobserver: Beam's
+published jar where the registry serves it, else the one the job server kit builds (Beam
+2.70.0's Java side, Flink 1.19.0); either is found here, so no user types a jar path.
 
 Checkpointing and state-backend options belong to Beam's *Java* FlinkPipelineOptions.
 The Python FlinkRunner (job-server mode) drops options it does not know, so this
@@ -22,9 +24,14 @@ from apache_beam.version import __version__ as BEAM_VERSION
 
 from runners import RUNNER_NAMES, OptionValue, render_args
 
-JAR_DIR = Path(__file__).resolve().parent.parent / ".cache" / "jars"
-# Beam 2.77's FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS: 1.19, 1.20, 2.0, 2.1, 2.2.
-DEFAULT_FLINK_VERSION = "2.2"
+CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
+JAR_DIR = CACHE_DIR / "jars"
+# Where scripts/fetch_flink_jobserver has ../shared/flink-jobserver build the jar.
+KIT_JAR_DIR = CACHE_DIR / "flink-jobserver"
+# The Flink the job server embeds and the session cluster runs (runners/flink_session.py
+# pins its patch release). 1.19 is in Beam 2.77's published list (1.19 ... 2.2) and the
+# only Flink the kit's job server is built for; Beam's own default (2.2) would not match.
+DEFAULT_FLINK_VERSION = "1.19"
 
 
 class FlinkCheckpointOptions(PipelineOptions):
@@ -88,17 +95,28 @@ class FlinkCheckpointOptions(PipelineOptions):
 
 
 def job_server_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:
-    """Where scripts/fetch_flink_jobserver caches the job server jar."""
+    """Where scripts/fetch_flink_jobserver caches Beam's published job server jar."""
     return JAR_DIR / f"beam-runners-flink-{flink_version}-job-server-{BEAM_VERSION}.jar"
 
 
+def kit_job_server_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path | None:
+    """The job server jar the kit built (with its Kafka and RocksDB extras), if any."""
+    built = sorted(KIT_JAR_DIR.glob(
+        f"beam-runners-flink-{flink_version}-job-server-*-kit-kafka-rocksdb.jar"))
+    return built[-1] if built else None
+
+
 def job_server_jar_path(flink_version: str | None = None) -> Path:
-    """The job server jar to use: $FLINK_JOB_SERVER_JAR, else the cached one."""
+    """The job server jar to use: $FLINK_JOB_SERVER_JAR, else Beam's published jar if
+    cached, else the kit-built one; when neither is there, the published jar's path."""
     env = os.environ.get("FLINK_JOB_SERVER_JAR")
     if env:
         return Path(env)
-    return job_server_jar(flink_version or os.environ.get("FLINK_VERSION")
-                          or DEFAULT_FLINK_VERSION)
+    version = flink_version or os.environ.get("FLINK_VERSION") or DEFAULT_FLINK_VERSION
+    published = job_server_jar(version)
+    if published.is_file():
+        return published
+    return kit_job_server_jar(version) or published
 
 
 def job_server_artifact(flink_version: str = DEFAULT_FLINK_VERSION) -> str:
@@ -133,10 +151,14 @@ def resolve_job_server_jar(argv: list[str]) -> list[str]:
     if options.view_as(PortableOptions).job_endpoint:
         return list(argv)
     flink = options.view_as(FlinkRunnerOptions)
-    version = str(flink.flink_version or DEFAULT_FLINK_VERSION)
+    argv = list(argv)
+    if not any(a == "--flink_version" or a.startswith("--flink_version=") for a in argv):
+        argv.append(f"--flink_version={DEFAULT_FLINK_VERSION}")
+        flink.flink_version = DEFAULT_FLINK_VERSION
+    version = str(flink.flink_version)
     given = flink.flink_job_server_jar
     if given and ("://" in given or Path(given).is_file()):
-        return list(argv)
+        return argv
     cached = job_server_jar_path(version)
     if not given and cached.is_file():
         return [*argv, f"--flink_job_server_jar={cached}"]
@@ -145,9 +167,10 @@ def resolve_job_server_jar(argv: list[str]) -> list[str]:
     raise JobServerJarMissing(
         f"FlinkRunner needs Beam's Flink job server jar {job_server_artifact(version)} and "
         f"{where}. Fetch it with `FLINK_VERSION={version} scripts/fetch_flink_jobserver` "
-        "(Maven; prints the jar's path), or pass --flink_job_server_jar=PATH, or "
-        "--job_endpoint=HOST:PORT of a running Flink job server. (Without it Beam would "
-        "try to download the jar from Maven Central at run time.)")
+        "(Maven, else the job server kit; prints the jar's path), or pass "
+        "--flink_job_server_jar=PATH, or --job_endpoint=HOST:PORT of a running Flink job "
+        "server. (Without it Beam would try to download the jar from Maven Central at run "
+        "time.)")
 
 
 def preset_args(**overrides: object) -> list[str]:
@@ -165,7 +188,7 @@ def preset_args(**overrides: object) -> list[str]:
         "flink_master": "[local]",
         # Must match the job server jar (each jar embeds one Flink version).
         "flink_version": flink_version,
-        # A cached jar avoids a ~200 MB download per run; None lets Beam fetch it itself.
+        # The cached (published or kit-built) jar; None lets Beam try to download it.
         "flink_job_server_jar": jar if Path(jar).is_file() else None,
         # Default operator parallelism; size to total task slots of the cluster.
         "parallelism": os.cpu_count() or 1,

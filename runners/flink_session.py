@@ -1,4 +1,4 @@
-"""A local Flink 2.2 session cluster on 127.0.0.1, plus a Beam Python worker pool.
+"""A local Flink 1.19 session cluster on 127.0.0.1, plus a Beam Python worker pool.
 
     python -m runners.flink_session start             # JobManager, 2 TaskManagers, pool
     python -m runners.flink_session status            # REST /overview, /jobs/overview
@@ -46,11 +46,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-FLINK_VERSION = "2.2.1"  # apache-flink-libraries on PyPI; scripts/fetch_flink pins it too
+FLINK_VERSION = "1.19.0"  # apache-flink-libraries on PyPI; scripts/fetch_flink pins it too
 HOST = "127.0.0.1"
 JM_CLASS = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
 TM_CLASS = "org.apache.flink.runtime.taskexecutor.TaskManagerRunner"
 BASH_JAVA_UTILS = "org.apache.flink.runtime.util.bash.BashJavaUtils"
+# The Flink accumulator Beam's Flink runner keeps a job's Beam metrics in (JSON of a
+# GetJobMetricsResponse: monitoring infos, base64 payloads).
+BEAM_METRICS_ACCUMULATOR = "__metricscontainers"
 # What Flink's default config.yaml passes to every JVM on Java 17 (Kryo and Pekko reflect
 # into these packages; without them jobs fail at runtime, not at start).
 JAVA17_OPTS = (
@@ -109,7 +112,7 @@ def java_binary() -> str:
         candidate = Path(directory) / "java"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise SessionError("java not found: Flink 2.2 needs a Java 11+ runtime (17 recommended; "
+    raise SessionError("java not found: Flink 1.19 needs a Java 11+ runtime (17 recommended; "
                        "e.g. `apt-get install openjdk-17-jre-headless`) on PATH or JAVA_HOME")
 
 
@@ -193,15 +196,17 @@ class FlinkSession:
             "taskmanager.numberOfTaskSlots": str(s.slots),
             "parallelism.default": str(s.slots),
             # A lost TaskManager is noticed in seconds, not Flink's default 50 s.
-            "heartbeat.interval": f"{s.heartbeat_interval_ms} ms",
-            "heartbeat.timeout": f"{s.heartbeat_timeout_ms} ms",
+            # Plain milliseconds: Flink 1.19 reads these two as longs (2.x as durations).
+            "heartbeat.interval": str(s.heartbeat_interval_ms),
+            "heartbeat.timeout": str(s.heartbeat_timeout_ms),
             # Jobs restart from their last checkpoint after a failure (e.g. a lost TM).
             "restart-strategy.type": "fixed-delay",
             "restart-strategy.fixed-delay.attempts": str(s.restart_attempts),
             "restart-strategy.fixed-delay.delay": f"{s.restart_delay_ms} ms",
             "jobmanager.execution.failover-strategy": "region",
-            "execution.checkpointing.dir": self.checkpoints.as_uri(),
-            "execution.checkpointing.savepoint-dir": (self.dir / "savepoints").as_uri(),
+            # Flink 1.19's keys (2.x renamed them to execution.checkpointing.*).
+            "state.checkpoints.dir": self.checkpoints.as_uri(),
+            "state.savepoints.dir": (self.dir / "savepoints").as_uri(),
             "execution.checkpointing.externalized-checkpoint-retention":
                 "RETAIN_ON_CANCELLATION",
             # Nothing outside the run directory: temp files, blobs, uploaded jars.
@@ -217,7 +222,7 @@ class FlinkSession:
     def write_config(self, s: Settings) -> None:
         for d in (self.conf, self.logs, self.pids, self.checkpoints, self.dir / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
-        # Flat keys are valid in Flink 2's config.yaml; JSON strings are valid YAML.
+        # Flat keys are valid in config.yaml (read since Flink 1.19); JSON strings are valid YAML.
         lines = ["# Written by runners/flink_session.py; every socket on 127.0.0.1."]
         lines += [f"{key}: {json.dumps(value)}" for key, value in self.config(s).items()]
         (self.conf / "config.yaml").write_text("\n".join(lines) + "\n")
@@ -362,6 +367,35 @@ class FlinkSession:
             return int(self.rest("/overview")["taskmanagers"])
         except (urllib.error.URLError, OSError, ValueError, KeyError):
             return 0
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """REST /jobs/overview: every job's id (``jid``), ``name`` and ``state``."""
+        return list(self.rest("/jobs/overview")["jobs"])
+
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        """REST /jobs/:id/checkpoints: ``counts`` (completed, failed, restored, ...),
+        ``latest`` (completed, restored: the checkpoint a restart resumed from)."""
+        return dict(self.rest(f"/jobs/{job_id}/checkpoints"))
+
+    def beam_metrics(self, job_id: str) -> Any:
+        """The Beam metrics of a job as it runs (a MetricResults, attempted values), from
+        the accumulator Beam's Flink runner keeps them in; None before the first report.
+
+        Beam's job service answers GetJobMetrics only for a finished job, so this is how
+        a streaming job's counters are read while it runs. The values are those of the
+        current execution attempt: a job restarted from a checkpoint counts from zero."""
+        from apache_beam.portability.api import beam_job_api_pb2
+        from apache_beam.runners.portability.portable_runner import PortableMetrics
+        from google.protobuf import json_format
+
+        accumulators = self.rest(f"/jobs/{job_id}/accumulators")
+        for item in accumulators.get("user-task-accumulators", []):
+            if item.get("name") == BEAM_METRICS_ACCUMULATOR:
+                response = json_format.Parse(item["value"],
+                                             beam_job_api_pb2.GetJobMetricsResponse(),
+                                             ignore_unknown_fields=True)
+                return PortableMetrics(response)
+        return None
 
     def wait_for_taskmanagers(self, count: int, timeout_s: float,
                               watch: Iterable[str] = ()) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def by_label(values: dict, label: str) -> dict[str, float]:
 def test_prometheus_scrapes_the_jobs_metrics(finished_job) -> None:
     events, lines, result = finished_job
     counters = counters_of(result)
-    with MetricsExporter(poll_job(result), port=0, every_s=0.5) as exporter, \
+    with MetricsExporter(poll_job(result.metrics), port=0, every_s=0.5) as exporter, \
             prometheus([f"127.0.0.1:{exporter.port}"]) as prom:
         prom.wait_for("the exporter's target up", prom.targets_up, 30)
         read = prom.wait_for("events read", lambda: prom.query(

@@ -1,6 +1,6 @@
 """The local Flink session cluster (runners/flink_session.py) and the FlinkRunner guard.
 
-One real Flink 2.2.1 session (JobManager, 2 TaskManagers x 2 slots, from PyPI's
+One real Flink 1.19.0 session (JobManager, 2 TaskManagers x 2 slots, from PyPI's
 apache-flink-libraries via scripts/fetch_flink) and a Beam worker pool are started once
 for this module in a temp dir; the tests run in file order against it: REST shows 2
 TaskManagers / 4 slots, the worker pool answers a gRPC call on 127.0.0.1, no process
@@ -8,10 +8,10 @@ listens beyond loopback, a TaskManager killed by PID drops out of REST and a res
 one comes back, and `stop` leaves no PID alive. Memory is kept small (JM 768 MB, TMs 1 GB
 each, no job runs). A machine without java fails here, saying what to install.
 
-What is not tested here: submitting the pipeline, and the TaskManager-loss test against
-the oracle. Both need Beam's Flink job server jar (scripts/fetch_flink_jobserver), which
-the registries this machine reaches do not serve; the last tests check that the submit
-path says so at once instead of trying to download it.
+Submitting the pipeline to a session, and losing a TaskManager under a running job, are
+in tests/test_flink_cluster.py; the last tests here check how the submit path finds Beam's
+Flink job server jar (scripts/fetch_flink_jobserver), and that it says at once what to
+fetch when there is none instead of trying to download it.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkSession]:
 
 def test_rest_overview_shows_two_taskmanagers_with_four_slots(session: FlinkSession):
     overview = session.rest("/overview")
-    assert overview["flink-version"] == "2.2.1"
+    assert overview["flink-version"] == "1.19.0"
     assert overview["taskmanagers"] == 2
     assert overview["slots-total"] == 4
     ids = sorted(tm["id"] for tm in session.rest("/taskmanagers")["taskmanagers"])
@@ -106,7 +106,7 @@ def test_config_binds_everything_to_loopback_and_checkpoints_in_run_dir(
     for key in ("jobmanager.rpc.address", "jobmanager.bind-host", "taskmanager.host",
                 "taskmanager.bind-host", "rest.address", "rest.bind-address"):
         assert f'{key}: "127.0.0.1"' in config
-    assert f'execution.checkpointing.dir: "{session.checkpoints.as_uri()}"' in config
+    assert f'state.checkpoints.dir: "{session.checkpoints.as_uri()}"' in config
     assert 'restart-strategy.type: "fixed-delay"' in config
 
 
@@ -172,7 +172,7 @@ def test_flinkrunner_without_job_server_jar_refuses_at_once(
     err = capsys.readouterr().err
     assert code == 2
     assert "scripts/fetch_flink_jobserver" in err
-    assert "org.apache.beam:beam-runners-flink-2.2-job-server:" in err
+    assert "org.apache.beam:beam-runners-flink-1.19-job-server:" in err
     assert str(missing) in err
     assert time.monotonic() - started < 10  # no download attempt, no hang
 
@@ -190,8 +190,29 @@ def test_flink_job_server_jar_resolution(tmp_path: Path, monkeypatch: pytest.Mon
     with_endpoint = [*argv, "--job_endpoint=127.0.0.1:8099"]
     assert flink.resolve_job_server_jar(with_endpoint) == with_endpoint
     jar.write_bytes(b"PK")
-    assert flink.resolve_job_server_jar(argv) == [*argv, f"--flink_job_server_jar={jar}"]
+    # No --flink_version: the project's (the jar's) is added, not Beam's default 2.2.
+    assert flink.resolve_job_server_jar(argv) == [
+        *argv, "--flink_version=1.19", f"--flink_job_server_jar={jar}"]
+    given = [*argv, "--flink_version=1.19"]
+    assert flink.resolve_job_server_jar(given) == [*given, f"--flink_job_server_jar={jar}"]
     assert os.environ["FLINK_JOB_SERVER_JAR"] == str(jar)
+
+
+def test_kit_built_jar_is_found_without_a_flag(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("FLINK_JOB_SERVER_JAR", raising=False)
+    monkeypatch.setattr(flink, "JAR_DIR", tmp_path / "jars")
+    monkeypatch.setattr(flink, "KIT_JAR_DIR", tmp_path / "kit")
+    assert flink.job_server_jar_path("1.19") == flink.job_server_jar("1.19")  # neither
+    kit = tmp_path / "kit" / "beam-runners-flink-1.19-job-server-2.70.0-kit-kafka-rocksdb.jar"
+    kit.parent.mkdir()
+    kit.write_bytes(b"PK")
+    assert flink.job_server_jar_path("1.19") == kit
+    assert flink.job_server_jar_path("2.2") == flink.job_server_jar("2.2")  # kit: 1.19 only
+    published = flink.job_server_jar("1.19")
+    published.parent.mkdir()
+    published.write_bytes(b"PK")
+    assert flink.job_server_jar_path("1.19") == published  # Beam's own jar wins
 
 
 def test_missing_java_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
