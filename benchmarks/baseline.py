@@ -5,9 +5,9 @@ ComputeMetrics, RetractingChangelog, the sinks), so the two runs differ in one s
 only, bounded (benchmarks.measure) or streaming (`python -m benchmarks.baseline` takes
 `clickstream run`'s streaming flags; benchmarks.streaming). DeduplicatePerKey keeps a
 BagState and an event-time timer per event_id; its DoFn also declares a processing-time
-timer, which sends the whole bounded graph to the BundleBasedDirectRunner (DESIGN.md;
-a streaming job runs there anyway). That is measured as it is: it is the point of the
-baseline.
+timer, which sends the whole bounded graph to the BundleBasedDirectRunner
+(docs/design.md#processing-time-timers; a streaming job runs there anyway). That is
+measured as it is: it is the point of the baseline.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`clickstream`: run the job, generate data, replay or publish a stream, finalize a day,
-print a report, query a metric's series."""
+"""`clickstream`: run the job, generate data, replay or publish a stream, put live load on
+Kafka, finalize a day, print a report, query a metric's series."""
 
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ def _query(argv: Sequence[str]) -> int:
     return 0
 
 
+def _reads_kafka(argv: Sequence[str]) -> bool:
+    return any(arg == "--kafka_topic" or arg.startswith("--kafka_topic=") for arg in argv)
+
+
 def configure_logging() -> None:
     """INFO lines with a timestamp (the job's progress lines), Beam's own at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -99,8 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               "[--runner R] [Beam options]\n"
               "  run      --input_subscription projects/P/subscriptions/S --duckdb_path FILE "
               "[--timestamp_attribute A] [--max_run_s N]  streaming; Ctrl-C stops it\n"
+              "  run      --kafka_bootstrap HOST:PORT --kafka_topic T [--kafka_group G] "
+              "[--stop_when_idle_s N]  streaming on FlinkRunner (docs/streaming.md)\n"
               "  publish  --topic projects/P/topics/T --replay_dir DIR [--subscription S]  "
               "publish a generated dataset in arrival order\n"
+              "  publish  --kafka_bootstrap HOST:PORT --kafka_topic T --replay_dir DIR "
+              "[--rate N] [--timestamps arrival|now]  the same, to Kafka\n"
+              "  load     --kafka_bootstrap HOST:PORT --kafka_topic T --rate R --duration_s D "
+              "[--burst 5x:120s] [--hot_key_share S] [--late_share S] "
+              "[--duplicate_share S]  live load\n"
               "  replay   --replay_dir DIR --duckdb_path FILE [...]  stream a generated "
               "dataset in arrival order (TestStream)\n"
               "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
@@ -123,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # checkpointing options so they reach the job server.
         from runners.flink import JobServerJarMissing, resolve_job_server_jar
 
+        if command == "run" and _reads_kafka(rest) and not any(
+                arg == "--runner" or arg.startswith("--runner=") for arg in rest):
+            rest = [*rest, "--runner=FlinkRunner"]  # the Kafka read runs on Flink
         try:
             rest = resolve_job_server_jar(rest)
         except JobServerJarMissing as exc:
@@ -162,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.publish import main as publish_main
 
         return publish_main(rest)
+    if command == "load":
+        from pipeline.load import main as load_main
+
+        return load_main(rest)
     if command == "finalize":
         return _finalize(rest)
     if command == "report":

@@ -2,11 +2,11 @@
 
 `clickstream run ... --metrics_port N` starts an HTTP endpoint on --metrics_host
 (127.0.0.1) that Prometheus scrapes (monitoring/prometheus.yml, rules in
-monitoring/alerts.yml). A background thread polls the job's `result.metrics()` and, with
---lag_bootstrap_servers, the consumer group's committed offsets against each partition's
-high watermark (Kafka's own admin API: the lag exists whether or not the runner reports
-Beam metrics); a scrape returns the latest poll. Series (docs/operations.md says what each
-means):
+monitoring/alerts.yml). A background thread polls the job's Beam metrics and, for a
+Kafka run (--kafka_topic), the group's committed offsets against each partition's end
+offset (read from the broker: the lag exists whether or not the runner reports Beam
+metrics while the job runs); a scrape returns the latest poll. Series
+(docs/operations.md says what each means):
 
   clickstream_events_read_total, _valid_total, _unique_total, clickstream_duplicates_total
   clickstream_dead_letters_total{reason}, clickstream_too_late_total{granularity}
@@ -38,6 +38,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from pipeline.kafka import PartitionLag, consumer_lag
+from pipeline.options import KafkaOptions
 from transforms.hot_keys import HOT_KEY_GAUGE_PREFIX, SHARE_SCALE
 from transforms.parse import METRICS_NAMESPACE
 
@@ -65,65 +67,14 @@ class MonitoringOptions(PipelineOptions):
                            default=DEFAULT_FRESHNESS_TARGET_S,
                            help="Watermark lag the job promises to stay under (seconds), "
                                 "exported for the ClickstreamWatermarkLagHigh alert.")
-        group.add_argument("--lag_bootstrap_servers", default="",
-                           help="Kafka bootstrap servers to read consumer lag from "
-                                "(empty: no consumer-lag series).")
-        group.add_argument("--lag_group", default="",
-                           help="Consumer group whose committed offsets are compared "
-                                "with the partitions' high watermarks.")
-        group.add_argument("--lag_topics", default="",
-                           help="Comma-separated topics of that group.")
 
 
-# --- Kafka consumer lag -----------------------------------------------------------------
+class TopicLag(NamedTuple):
+    """One partition's lag of one consumer group (pipeline/kafka.py reads it)."""
 
-class PartitionLag(NamedTuple):
     group: str
     topic: str
-    partition: int
-    committed: int  # -1: the group has no offset here yet
-    high_watermark: int
-    low_watermark: int
-
-    @property
-    def lag(self) -> int:
-        """Records the group has still to read. Without a committed offset the group
-        starts at the earliest retained record (auto.offset.reset=earliest, as the job's
-        source sets), so everything retained is behind."""
-        start = self.committed if self.committed >= 0 else self.low_watermark
-        return max(0, self.high_watermark - start)
-
-
-def kafka_consumer_lag(bootstrap_servers: str, group: str, topics: Sequence[str],
-                       timeout_s: float = 10.0) -> list[PartitionLag]:
-    """The group's lag on every partition of `topics`, from the broker's admin API:
-    committed offsets (ListConsumerGroupOffsets) against the earliest and latest offsets
-    (ListOffsets)."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient, OffsetSpec
-
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    metadata = admin.list_topics(timeout=timeout_s)
-    partitions = [TopicPartition(topic, p)
-                  for topic in topics if topic in metadata.topics
-                  for p in sorted(metadata.topics[topic].partitions)]
-    if not partitions:
-        return []
-    committed_future = admin.list_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(group, partitions)], request_timeout=timeout_s)[group]
-    committed = {(tp.topic, tp.partition): tp.offset
-                 for tp in committed_future.result().topic_partitions}
-
-    def offsets(spec: OffsetSpec) -> dict[tuple[str, int], int]:
-        futures = admin.list_offsets({tp: spec for tp in partitions},
-                                     request_timeout=timeout_s)
-        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
-
-    high, low = offsets(OffsetSpec.latest()), offsets(OffsetSpec.earliest())
-    return [PartitionLag(group, tp.topic, tp.partition,
-                         committed.get((tp.topic, tp.partition), -1),
-                         high[(tp.topic, tp.partition)], low[(tp.topic, tp.partition)])
-            for tp in partitions]
+    partition: PartitionLag
 
 
 # --- Beam metrics → Prometheus families ------------------------------------------------
@@ -134,7 +85,7 @@ class Snapshot:
 
     counters: dict[tuple[str, str], int] = field(default_factory=dict)
     gauges: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
-    partitions: list[PartitionLag] = field(default_factory=list)
+    partitions: list[TopicLag] = field(default_factory=list)
     polled_at: float = 0.0
 
 
@@ -258,16 +209,16 @@ def families(snapshot: Snapshot, freshness_target_s: int,
                                        "committed yet (high watermark - committed offset).",
                                        labels=partition_labels)
         committed = GaugeMetricFamily("clickstream_kafka_committed_offset",
-                                      "The consumer group's committed offset.",
+                                      "The consumer group's committed offset (-1: none).",
                                       labels=partition_labels)
         high = GaugeMetricFamily("clickstream_kafka_high_watermark",
                                  "The partition's high watermark (next offset written).",
                                  labels=partition_labels)
-        for p in snapshot.partitions:
-            values = [p.group, p.topic, str(p.partition)]
+        for group, topic, p in snapshot.partitions:
+            values = [group, topic, str(p.partition)]
             lag_family.add_metric(values, p.lag)
-            committed.add_metric(values, p.committed)
-            high.add_metric(values, p.high_watermark)
+            committed.add_metric(values, -1 if p.committed is None else p.committed)
+            high.add_metric(values, p.end_offset)
         yield from (lag_family, committed, high)
     if snapshot.polled_at:
         yield GaugeMetricFamily("clickstream_exporter_last_poll_timestamp_seconds",
@@ -349,7 +300,7 @@ class MetricsExporter:
 
 
 def poll_job(metrics: Callable[[], Any],
-             lag: Callable[[], list[PartitionLag]] | None = None) -> Callable[[], Snapshot]:
+             lag: Callable[[], list[TopicLag]] | None = None) -> Callable[[], Snapshot]:
     """A poll function for a running job: its Beam metrics (all namespaces) from
     `metrics()` (a MetricResults, e.g. ``result.metrics``) and, when given, the consumer
     lag. A failing lag read leaves the lag out of that poll (the exporter logs it) rather
@@ -374,16 +325,13 @@ def exporter_for(metrics: Callable[[], Any], options: PipelineOptions
     monitoring = options.view_as(MonitoringOptions)
     if monitoring.metrics_port < 0:
         return None
+    kafka = options.view_as(KafkaOptions)
     lag = None
-    if monitoring.lag_bootstrap_servers:
-        topics = [t.strip() for t in monitoring.lag_topics.split(",") if t.strip()]
-        if not monitoring.lag_group or not topics:
-            raise SystemExit("--lag_bootstrap_servers needs --lag_group and --lag_topics "
-                             "(the consumer group and topics whose lag to export)")
-        bootstrap, group = monitoring.lag_bootstrap_servers, monitoring.lag_group
+    if kafka.kafka_topic:
+        bootstrap, topic, group = kafka.kafka_bootstrap, kafka.kafka_topic, kafka.kafka_group
 
-        def lag() -> list[PartitionLag]:
-            return kafka_consumer_lag(bootstrap, group, topics)
+        def lag() -> list[TopicLag]:
+            return [TopicLag(group, topic, p) for p in consumer_lag(bootstrap, topic, group)]
 
     return MetricsExporter(poll_job(metrics, lag), monitoring.metrics_port,
                            monitoring.metrics_host, monitoring.metrics_poll_s,

@@ -233,12 +233,15 @@ LIVE_EVENT_TYPES = ("page_view", "page_view", "page_view", "add_to_cart", "check
 
 def live_event(n: int, now_ms: int, id_prefix: str = "live",
                event_types: Sequence[str] = LIVE_EVENT_TYPES,
-               timestamp_attribute: str = "event_time") -> tuple[bytes, dict[str, str]]:
+               timestamp_attribute: str = "event_time",
+               device_id: str = "") -> tuple[bytes, dict[str, str]]:
     """The n-th valid event of a live stream, happening at ``now_ms``, as a Pub/Sub
-    publisher sends it: (payload, attributes with the event time in epoch ms)."""
+    publisher sends it: (payload, attributes with the event time in epoch ms).
+    ``device_id``: the sending device (empty: one of 997 by n)."""
     event_type = event_types[n % len(event_types)]
     event = {"event_id": f"{id_prefix}-{n}", "event_type": event_type,
-             "event_time": now_ms, "device_id": f"d{n % 997}", "user_id": f"u{n % 997}",
+             "event_time": now_ms, "device_id": device_id or f"d{n % 997}",
+             "user_id": f"u{n % 997}",
              "session_id": f"s{n % 997}", "platform": "web",
              "properties": ({"feature": f"f{n % 5}"} if event_type == "feature_use"
                             else {"page": "/home"})}

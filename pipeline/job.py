@@ -20,11 +20,12 @@ from apache_beam.runners.portability import portable_runner
 
 from pipeline.exporter import exporter_for
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
-from pipeline.options import ClickstreamOptions
+from pipeline.kafka import consumer_lag, expansion_service
+from pipeline.options import ClickstreamOptions, KafkaOptions
 from transforms.metrics import MetricsConfig
 from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
-from transforms.sources import ReadEventFiles, ReadEventMessages
+from transforms.sources import ReadEventFiles, ReadEventMessages, ReadEventRecords
 
 log = logging.getLogger("clickstream")
 # Dead letters are written when the watermark passes their window. On a stream that
@@ -33,6 +34,9 @@ log = logging.getLogger("clickstream")
 # matches the source's re-bundling window (transforms/sources.py) and flushes them with
 # the last batch.
 STREAMING_DEAD_LETTER_WINDOW_S = 5
+# Checkpoint period of a Kafka run that gives none: how often offsets are committed,
+# hence how much a restart re-reads (the event_id dedup drops the re-reads).
+KAFKA_CHECKPOINT_INTERVAL_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -220,18 +224,21 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
 
 
 def is_streaming(options: ClickstreamOptions) -> bool:
-    """Whether the source flags ask for a streaming job (--input_subscription) or a
-    bounded one (--input_files); exactly one of the two must be given."""
-    if options.input_subscription:
-        if options.input_files:
-            raise SystemExit("give --input_files (bounded) or --input_subscription "
-                             "(streaming), not both")
-        return True
-    if not options.input_files:
+    """Whether the source flags ask for a streaming job (--input_subscription, or
+    --kafka_bootstrap with --kafka_topic) or a bounded one (--input_files); exactly one
+    source must be given."""
+    given = [flag for flag, on in (
+        ("--input_files", options.input_files),
+        ("--input_subscription", options.input_subscription),
+        ("--kafka_topic", options.view_as(KafkaOptions).validate_kafka())) if on]
+    if len(given) > 1:
+        raise SystemExit(f"give one source: {' or '.join(given)}, not both")
+    if not given:
         raise SystemExit("--input_files is required for a bounded run "
                          "(generate some with: clickstream generate --out DIR), or give "
-                         "--input_subscription for a streaming one")
-    return False
+                         "--input_subscription or --kafka_bootstrap with --kafka_topic "
+                         "for a streaming one")
+    return given[0] != "--input_files"
 
 
 def select_mode(options: PipelineOptions) -> bool:
@@ -239,8 +246,9 @@ def select_mode(options: PipelineOptions) -> bool:
     --input_subscription, False for --input_files (both or neither: SystemExit).
 
     A streaming job without ``--runner`` gets the BundleBasedDirectRunner: the
-    DirectRunner would first try to download Prism (DESIGN.md) and then fall back to that
-    runner for a streaming job anyway. ``clickstream run`` and the flex template launcher
+    DirectRunner would first try to download Prism
+    (docs/design.md#directrunner-picks-prism-first) and then fall back to that runner for a
+    streaming job anyway. ``clickstream run`` and the flex template launcher
     both start here, so a launched job is set up as ``clickstream run`` sets it up; what
     depends on the runner (id_label only where honoured, the late trigger on the
     DirectRunner) is decided inside ``build``.
@@ -248,19 +256,43 @@ def select_mode(options: PipelineOptions) -> bool:
     streaming = is_streaming(options.view_as(ClickstreamOptions))
     standard = options.view_as(StandardOptions)
     standard.streaming = streaming
-    if streaming and not standard.runner:
+    if options.view_as(KafkaOptions).kafka_topic:
+        _kafka_defaults(options)
+    elif streaming and not standard.runner:
         standard.runner = "BundleBasedDirectRunner"
     return streaming
+
+
+def _kafka_defaults(options: PipelineOptions) -> None:
+    """A Kafka run is a FlinkRunner run (the cross-language read needs a portable runner
+    with a Java environment) that checkpoints: offsets are committed only as
+    checkpoints complete, so without checkpoints the group would never advance."""
+    from runners.flink import FlinkCheckpointOptions
+
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "FlinkRunner"
+    checkpoints = options.view_as(FlinkCheckpointOptions)
+    if checkpoints.checkpointing_interval is None:
+        checkpoints.checkpointing_interval = KAFKA_CHECKPOINT_INTERVAL_MS
 
 
 def read_payloads(p: beam.Pipeline, options: ClickstreamOptions
                   ) -> tuple[beam.PCollection, bool]:
     """The source the flags choose: (raw payloads, whether they are bounded)."""
     if is_streaming(options):
+        kafka = options.view_as(KafkaOptions)
+        source: beam.PTransform
+        if kafka.kafka_topic:
+            source = ReadEventRecords(kafka.kafka_bootstrap, kafka.kafka_topic,
+                                      kafka.kafka_group, kafka.kafka_expansion_service)
+            label = "ReadRecords"
+        else:
+            source = ReadEventMessages(options.input_subscription,
+                                       options.timestamp_attribute, options.id_label)
+            label = "ReadMessages"
         payloads = (p
-                    | "ReadMessages" >> ReadEventMessages(
-                        options.input_subscription, options.timestamp_attribute,
-                        options.id_label)
+                    | label >> source
                     | "Progress" >> LogProgress("messages read", every=10_000))
         return payloads, False
     # The file reader logs progress itself (no pass-through step per record).
@@ -276,9 +308,10 @@ def metrics_config(p: beam.Pipeline, options: ClickstreamOptions,
     if "DirectRunner" in runner and config.late_firing_s > 0:
         # The BundleBasedDirectRunner (where the DirectRunner runs a streaming job) stalls
         # on a processing-time late trigger ("Monitor task detected a pipeline stall",
-        # DESIGN.md), as replay does: late panes fire per late bundle instead. With the
-        # Pub/Sub source's wall-clock watermark, data older than its window's end is late
-        # from the first message, so late panes are most of what this runner emits.
+        # docs/design.md#late-trigger-stall), as replay does: late panes fire per late
+        # bundle instead. With the Pub/Sub source's wall-clock watermark, data older than
+        # its window's end is late from the first message, so late panes are most of what
+        # this runner emits.
         log.warning("streaming on the %s: using --late_firing_s 0 (a late pane per late "
                     "bundle); a processing-time late trigger stalls this runner", runner)
         config = dataclasses.replace(config, late_firing_s=0)
@@ -357,21 +390,34 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
     normal end of a run, not an error. ``graph`` builds the job (benchmarks swap the
     dedup stage through it)."""
     if not select_mode(options):
-        raise SystemExit("a streaming run reads --input_subscription")
+        raise SystemExit("a streaming run reads --input_subscription or --kafka_topic")
     clickstream = options.view_as(ClickstreamOptions)
+    kafka = options.view_as(KafkaOptions)
     stop = stop or threading.Event()
     reason: list[str] = []
     previous_handlers = _stop_on_signals(stop, reason)
     started = time.monotonic()
-    exporter = None
+    resources = contextlib.ExitStack()
     try:
+        if kafka.kafka_topic and not kafka.kafka_expansion_service:
+            kafka.kafka_expansion_service = resources.enter_context(
+                expansion_service(_job_server_jar(options)))
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
         exporter = exporter_for(lambda: _metrics(result), options)
-        log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s",
-                 clickstream.input_subscription,
-                 f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "")
+        if exporter is not None:
+            resources.callback(exporter.stop)
+        source = (f"Kafka topic {kafka.kafka_topic} at {kafka.kafka_bootstrap}"
+                  if kafka.kafka_topic else clickstream.input_subscription)
+        log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s%s", source,
+                 f" (or after {clickstream.max_run_s} s)" if clickstream.max_run_s else "",
+                 f" (or once drained and idle for {kafka.stop_when_idle_s} s)"
+                 if kafka.stop_when_idle_s else "")
+        if kafka.stop_when_idle_s:
+            idle = threading.Thread(target=_stop_when_drained,
+                                    args=(kafka, stop, reason), daemon=True)
+            idle.start()
         failure: list[BaseException] = []
         waiter = threading.Thread(target=_wait_for, args=(result, stop, failure),
                                   daemon=True)
@@ -400,11 +446,49 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         state = str(result.state)
     finally:
         stop.set()
-        if exporter is not None:
-            exporter.stop()
+        resources.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
     return summarize(result, time.monotonic() - started, state, clickstream)
+
+
+def _job_server_jar(options: PipelineOptions) -> str:
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    jar = options.view_as(FlinkRunnerOptions).flink_job_server_jar
+    if not jar:
+        raise SystemExit("a Kafka run needs --flink_job_server_jar (Beam's Flink job "
+                         "server jar built with KafkaIO: it also serves the Kafka "
+                         "expansion) or --kafka_expansion_service HOST:PORT")
+    return str(jar)
+
+
+def _stop_when_drained(kafka: KafkaOptions, stop: threading.Event, reason: list[str],
+                       every_s: float = 1.0) -> None:
+    """Set `stop` once the group's committed offsets reached the end of every partition
+    and neither moved for --stop_when_idle_s. Offsets are committed as checkpoints
+    complete, so by then every record has passed every stage once; the idle time lets
+    the watermark-driven panes (on-time, final) that follow reach the sinks."""
+    idle_since: float | None = None
+    last: list[tuple[int, int | None]] | None = None
+    while not stop.wait(every_s):
+        try:
+            lags = consumer_lag(kafka.kafka_bootstrap, kafka.kafka_topic, kafka.kafka_group)
+        except Exception as exc:  # a broker hiccup: try again next period
+            log.warning("consumer lag probe failed: %s", exc)
+            continue
+        now = [(lag.end_offset, lag.committed) for lag in lags]
+        drained = bool(lags) and all(lag.lag == 0 for lag in lags)
+        if not drained or now != last:
+            idle_since = time.monotonic() if drained else None
+            last = now
+            continue
+        if idle_since is not None and time.monotonic() - idle_since >= kafka.stop_when_idle_s:
+            reason.append(f"drained {kafka.kafka_topic} ({sum(e for e, _ in now):,} "
+                          f"records committed by group {kafka.kafka_group}) and idle for "
+                          f"{kafka.stop_when_idle_s} s")
+            stop.set()
+            return
 
 
 def _wait_for(result: beam.runners.runner.PipelineResult, stop: threading.Event,

@@ -243,3 +243,46 @@ class ClickstreamOptions(PipelineOptions):
             hll_lg_k=self.hll_lg_k,
             funnel_steps=tuple(s.strip() for s in self.funnel_steps.split(",") if s.strip()),
         )
+
+
+class KafkaOptions(PipelineOptions):
+    """The Kafka source: a streaming run that reads a topic with Beam's ReadFromKafka on
+    FlinkRunner (docs/streaming.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        group = parser.add_argument_group("kafka")
+        # Empty strings are "off", as for the other sources.
+        group.add_argument("--kafka_bootstrap", default="",
+                           help="Kafka bootstrap servers, HOST:PORT[,...] (with "
+                                "--kafka_topic: a streaming run; `scripts/kafka start` "
+                                "prints a local broker's).")
+        group.add_argument("--kafka_topic", default="",
+                           help="Topic to read (instead of --input_files or "
+                                "--input_subscription).")
+        group.add_argument("--kafka_group", default="clickstream",
+                           help="Consumer group: offsets are committed to it as Flink "
+                                "checkpoints complete; a restart resumes from there.")
+        group.add_argument("--kafka_expansion_service", default="",
+                           help="HOST:PORT of a running Beam Java expansion service with "
+                                "KafkaIO (empty: the run starts one from "
+                                "--flink_job_server_jar and stops it at the end).")
+        group.add_argument("--stop_when_idle_s", type=int, default=0,
+                           help="Kafka run: cancel (and print the summary) once the "
+                                "group's committed offsets have reached the end of every "
+                                "partition and nothing moved for this many seconds "
+                                "(0: run until stopped).")
+
+    def validate_kafka(self) -> bool:
+        """Whether a Kafka source is asked for; a half-given one is refused."""
+        if not (self.kafka_bootstrap or self.kafka_topic):
+            if self.stop_when_idle_s:
+                raise SystemExit("--stop_when_idle_s applies to a Kafka run "
+                                 "(--kafka_bootstrap and --kafka_topic)")
+            return False
+        if not (self.kafka_bootstrap and self.kafka_topic):
+            raise SystemExit("--kafka_bootstrap and --kafka_topic go together")
+        if not self.kafka_group:
+            raise SystemExit("--kafka_group must not be empty: offsets are committed "
+                             "to it")
+        return True

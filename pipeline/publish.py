@@ -1,4 +1,5 @@
-"""Publish a generated dataset to a Pub/Sub topic in arrival order, for the demo and tests.
+"""Publish a generated dataset to a Pub/Sub or Kafka topic in arrival order, for the demo
+and tests.
 
 Each line of `clickstream generate`'s shards becomes one message whose data is the line's
 bytes, exactly as the file source would yield them. Attributes:
@@ -15,6 +16,14 @@ Order: messages are published in the generator's arrival order, but Pub/Sub does
 promise delivery order without ordering keys. The job's results do not depend on it:
 dedup keeps one copy whatever the order, and lateness depends on each event's window
 and the watermark, not on its neighbours.
+
+Kafka (publish_to_kafka): each line is one record whose value is the line's bytes, whose
+key is the sender's identity (the device_id, so one device's events stay in order on one
+partition; none for a line without one) and whose timestamp (CreateTime, which the job's
+watermark follows) is either the line's simulated arrival time from arrival_ms.txt, so a
+compressed replay behaves like the days it simulates (late devices are late, events past
+the horizon too late), or the send time. Records go out in arrival order, so every
+partition is in timestamp order: the source's zero out-of-orderness holds.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -39,9 +49,14 @@ class PublishSummary:
     published: int
     with_event_time: int
     elapsed_s: float
+    kafka_timestamps: str = ""  # Kafka: what the record timestamps are ("arrival", "now")
 
     def render(self) -> str:
         rate = self.published / self.elapsed_s if self.elapsed_s else 0.0
+        if self.kafka_timestamps:
+            return (f"published {self.published:,} records in {self.elapsed_s:.1f} s "
+                    f"({rate:,.0f}/s), timestamped with their {self.kafka_timestamps} "
+                    "time")
         return (f"published {self.published:,} messages in {self.elapsed_s:.1f} s "
                 f"({rate:,.0f}/s); {self.with_event_time:,} carry their event time, "
                 f"{self.published - self.with_event_time:,} (invalid) the publish time")
@@ -122,14 +137,78 @@ def publish_dataset(topic: str, replay_dir: str, limit: int = 0,
     return PublishSummary(len(futures), with_event_time, time.monotonic() - started)
 
 
+def identity_key(payload: bytes) -> bytes | None:
+    """The record key of a line: its device_id (the sender), or None when it has none."""
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    device = record.get("device_id") if isinstance(record, dict) else None
+    return device.encode() if isinstance(device, str) and device else None
+
+
+def publish_to_kafka(bootstrap: str, topic: str, replay_dir: str, limit: int = 0,
+                     rate: float = 0.0, timestamps: str = "arrival",
+                     clock: Callable[[], float] = time.time) -> PublishSummary:
+    """Produce the dataset's lines to `topic` in arrival order (module docstring); `rate`
+    records/s (0: as fast as the client batches them); `timestamps` "arrival" or "now".
+    Creates the topic if missing (time retention off). Returns once the broker has
+    acknowledged every record; raises if it refused any."""
+    from pipeline.kafka import ensure_topic, producer
+
+    if timestamps not in ("arrival", "now"):
+        raise ValueError(f"timestamps must be 'arrival' or 'now', not {timestamps!r}")
+    records = read_arrivals(replay_dir, limit)
+    ensure_topic(bootstrap, topic)
+    client = producer(bootstrap)
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    started = time.monotonic()
+    for i, (arrival_ms, payload) in enumerate(records):
+        if rate > 0:
+            ahead = started + i / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        stamp = arrival_ms if timestamps == "arrival" else int(clock() * 1000)
+        while True:
+            try:
+                client.produce(topic, payload, identity_key(payload), timestamp=stamp,
+                               on_delivery=delivered)
+                break
+            except BufferError:  # the local queue is full: let it drain
+                client.poll(0.1)
+        client.poll(0)
+        if (i + 1) % 100_000 == 0:
+            log.info("publish: %s of %s records sent", f"{i + 1:,}", f"{len(records):,}")
+    left = client.flush(120)
+    if left or failures:
+        raise RuntimeError(f"Kafka did not take {left + len(failures):,} of "
+                           f"{len(records):,} records: {failures[:3]}")
+    return PublishSummary(len(records), len(records), time.monotonic() - started,
+                          "simulated arrival" if timestamps == "arrival" else "send")
+
+
 def main(argv: Sequence[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="clickstream publish",
-        description="Publish a generated dataset to Pub/Sub in arrival order "
-                    "(PUBSUB_EMULATOR_HOST points the client at the emulator).")
-    parser.add_argument("--topic", required=True, help="projects/P/topics/T")
+        description="Publish a generated dataset in arrival order to Pub/Sub (--topic; "
+                    "PUBSUB_EMULATOR_HOST points the client at the emulator) or Kafka "
+                    "(--kafka_bootstrap and --kafka_topic).")
+    parser.add_argument("--topic", default="", help="Pub/Sub: projects/P/topics/T")
+    parser.add_argument("--kafka_bootstrap", default="",
+                        help="Kafka: bootstrap servers HOST:PORT (`scripts/kafka start`).")
+    parser.add_argument("--kafka_topic", default="",
+                        help="Kafka: the topic (created with time retention off if "
+                             "missing).")
+    parser.add_argument("--timestamps", choices=("arrival", "now"), default="arrival",
+                        help="Kafka: each record's timestamp, the line's simulated arrival "
+                             "time (arrival_ms.txt) or the send time.")
     parser.add_argument("--replay_dir", required=True,
                         help="A directory written by `clickstream generate`.")
     parser.add_argument("--subscription", default="",
@@ -145,6 +224,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="Messages per second (0: as fast as possible).")
     args = parser.parse_args(list(argv))
+    kafka = bool(args.kafka_bootstrap or args.kafka_topic)
+    if kafka == bool(args.topic):
+        parser.error("give --topic (Pub/Sub) or --kafka_bootstrap with --kafka_topic")
+    if kafka:
+        if not (args.kafka_bootstrap and args.kafka_topic):
+            parser.error("--kafka_bootstrap and --kafka_topic go together")
+        summary = publish_to_kafka(args.kafka_bootstrap, args.kafka_topic,
+                                   args.replay_dir, args.limit, args.rate, args.timestamps)
+        print(summary.render())
+        return 0
     if args.subscription:
         ensure_subscription(args.topic, args.subscription)
     summary = publish_dataset(args.topic, args.replay_dir, args.limit,

@@ -100,7 +100,8 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
     runner = options.view_as(StandardOptions).runner or ""
     if "BundleBasedDirectRunner" in str(runner) and config.late_firing_s > 0:
         # A processing-time late trigger stalls this runner ("Monitor task detected a
-        # pipeline stall", DESIGN.md): late panes fire per late bundle instead.
+        # pipeline stall", docs/design.md#late-trigger-stall): late panes fire per late
+        # bundle instead.
         logging.getLogger("clickstream").warning(
             "replay on the BundleBasedDirectRunner: using --late_firing_s 0 (a late pane "
             "per late bundle); a processing-time late trigger stalls this runner")

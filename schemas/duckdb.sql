@@ -1,5 +1,5 @@
--- Output contract (DESIGN.md) in DuckDB. Primary keys make every write idempotent:
--- a replayed insert hits ON CONFLICT instead of doubling a row.
+-- Output contract (docs/design.md#output-contract) in DuckDB. Primary keys make every write
+-- idempotent: a replayed insert hits ON CONFLICT instead of doubling a row.
 CREATE TABLE IF NOT EXISTS metric_changelog (
   metric       VARCHAR NOT NULL,
   dims         VARCHAR NOT NULL,

@@ -76,3 +76,19 @@ def bigquery_server() -> Iterator[str]:
         yield address
     finally:
         cm.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[str]:
+    """Bootstrap ``host:port`` of one local Kafka broker (scripts/kafka)."""
+    try:
+        cm = servers.kafka_broker()
+        address = cm.__enter__()
+    except servers.ServerError as exc:
+        pytest.fail(f"{exc} — scripts/kafka needs java 17+ and maven (jars resolved once "
+                    "into .cache/)", pytrace=False)
+    try:
+        yield address
+    finally:
+        cm.__exit__(None, None, None)
+

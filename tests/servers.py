@@ -270,3 +270,26 @@ class LocalBigQueryTestClient:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.cloud, name)
+
+
+@contextlib.contextmanager
+def kafka_broker(state_dir: str | None = None, timeout: float = 180.0) -> Iterator[str]:
+    """One Apache Kafka broker (KRaft, 127.0.0.1, a free port) by ``scripts/kafka``;
+    yields its bootstrap ``host:port`` and stops it by PID (``scripts/kafka stop``).
+    ``state_dir`` None: a fresh temporary one (data, config, logs, PID file)."""
+    script = REPO / "scripts" / "kafka"
+    with contextlib.ExitStack() as stack:
+        if state_dir is None:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kafka-"))
+        env = dict(os.environ, KAFKA_STATE_DIR=state_dir)
+        try:
+            started = subprocess.run([str(script), "start"], env=env, capture_output=True,
+                                     text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            subprocess.run([str(script), "stop"], env=env, capture_output=True, timeout=60)
+            raise ServerError(f"scripts/kafka start timed out after {timeout:.0f} s") from exc
+        stack.callback(subprocess.run, [str(script), "stop"], env=env, capture_output=True,
+                       timeout=60)
+        if started.returncode != 0:
+            raise ServerError(f"scripts/kafka start failed:\n{started.stderr[-3000:]}")
+        yield started.stdout.strip().splitlines()[-1]

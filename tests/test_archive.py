@@ -126,6 +126,7 @@ def replayed(tmp_path_factory) -> tuple[str, str, list[tuple]]:
     return data, base, _COLLECTED.pop("archive_too_late", [])
 
 
+@pytest.mark.integration  # the `replayed` TestStream: 25 s at load 8
 def test_streaming_archive_holds_every_unique_event_including_too_late(replayed) -> None:
     data, base, _ = replayed
     truth = read_truth(data)
@@ -134,6 +135,7 @@ def test_streaming_archive_holds_every_unique_event_including_too_late(replayed)
     assert all(name.startswith("part-s1-") and "-p" in name for name in names)
 
 
+@pytest.mark.integration  # the `replayed` TestStream
 def test_too_late_counts_are_exactly_what_the_windowing_drops(replayed) -> None:
     data, _, rows = replayed
     truth = read_truth(data)

@@ -37,6 +37,8 @@ from tests.test_sink_bigtable import CHANGELOG, raw_cell_count
 from transforms import sink_bigtable
 from transforms.sources import ReadEventFiles
 
+pytestmark = pytest.mark.integration  # the Bigtable emulator, paused and stopped
+
 PROJECT, INSTANCE, TABLE = "test-project", "test-instance", "faults"
 OUTAGE_S = 6.0
 # The client bounds each mutate_rows attempt to 60 s: a 6 s pause would only delay the

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 def clickstream(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("clickstream", path=os.path.dirname(sys.executable))
@@ -15,6 +17,7 @@ def clickstream(*args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
+@pytest.mark.integration  # two child processes, each starting Beam: >10 s
 def test_generate_run_and_report_from_the_command_line(tmp_path) -> None:
     data, db = str(tmp_path / "events"), str(tmp_path / "out.duckdb")
     generated = clickstream("generate", "--out", data, "--events", "2000", "--seed", "9")

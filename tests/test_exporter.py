@@ -10,8 +10,9 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.exporter import MetricsExporter, PartitionLag, Snapshot, families, poll_job
+from pipeline.exporter import MetricsExporter, Snapshot, TopicLag, families, poll_job
 from pipeline.job import build, counters_of
+from pipeline.kafka import PartitionLag
 from pipeline.options import ClickstreamOptions
 from tests.prometheus import prometheus
 from tests.test_hot_keys import BOT, MINUTE_MS, make_events, to_line
@@ -98,8 +99,8 @@ def test_families_name_counters_and_consumer_lag() -> None:
         gauges={("clickstream", "watermark_lag_s"): (42, 0.0),
                 ("clickstream", "hot_key_share.device_id.old"): (500_000, 0.0),
                 ("clickstream", "hot_key_share.device_id.bot"): (300_000, 1000.0)},
-        partitions=[PartitionLag("g", "events", 0, 90, 100, 0),
-                    PartitionLag("g", "events", 1, -1, 50, 20)])
+        partitions=[TopicLag("g", "events", PartitionLag(0, 100, 90)),
+                    TopicLag("g", "events", PartitionLag(1, 50, None))])
     got = {}
     for family in families(snapshot, 120, now=1100.0):
         for sample in family.samples:
@@ -120,5 +121,5 @@ def test_families_name_counters_and_consumer_lag() -> None:
     assert not any(labels and ("key", "old") in labels for _, labels in got)
     lag = {dict(labels)["partition"]: v for (name, labels), v in got.items()
            if name == "clickstream_kafka_consumer_lag"}
-    # Partition 1 has no committed offset: everything retained (50 - 20) is behind.
-    assert lag == {"0": 10, "1": 30}
+    # Partition 1 has no committed offset: all of it is behind.
+    assert lag == {"0": 10, "1": 50}

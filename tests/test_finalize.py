@@ -103,6 +103,7 @@ def batch_keys(db: str) -> list[tuple]:
     return sorted((m, d, g, w.astimezone(UTC).isoformat()) for m, d, g, w in rows)
 
 
+@pytest.mark.integration
 def test_finalize_corrects_the_streamed_day_to_the_exact_answer(streamed, tmp_path) -> None:
     data, archive, streamed_db = streamed
     db = str(tmp_path / "sink.duckdb")
@@ -169,6 +170,7 @@ def _row(metric: str, dims: str, granularity: str, value: int, revision: int, ti
             "timing": timing, "is_final": final, "emitted_at": start}
 
 
+@pytest.mark.integration
 def test_a_key_only_in_the_sink_is_retracted_and_open_windows_are_marked_final(
         streamed, tmp_path) -> None:
     data, archive, _ = streamed
@@ -216,6 +218,7 @@ def test_a_key_only_in_the_sink_is_retracted_and_open_windows_are_marked_final(
     assert c["finalize_windows_corrected"] == len(want)
 
 
+@pytest.mark.integration
 def test_finalize_refuses_a_day_the_archive_does_not_have(streamed, tmp_path) -> None:
     _, archive, streamed_db = streamed
     db = str(tmp_path / "sink.duckdb")
@@ -227,6 +230,7 @@ def test_finalize_refuses_a_day_the_archive_does_not_have(streamed, tmp_path) ->
     assert read_rows(db, CHANGELOG_SQL) == read_rows(streamed_db, CHANGELOG_SQL)
 
 
+@pytest.mark.integration
 def test_finalize_refuses_an_open_day_unless_forced(streamed, tmp_path) -> None:
     _, archive, streamed_db = streamed
     db = str(tmp_path / "sink.duckdb")
@@ -298,6 +302,7 @@ def _pull_all(subscriber, subscription: str, want: int) -> list[dict]:
     return messages
 
 
+@pytest.mark.integration
 def test_notify_topic_gets_one_message_per_corrected_window(
         streamed, tmp_path, pubsub_emulator) -> None:  # noqa: F811 - the fixture
     from google.cloud import pubsub_v1

@@ -29,6 +29,8 @@ from transforms.sink_bigquery import read_latest_rows_from_bigquery
 from transforms.sink_bigtable import read_latest_rows_from_bigtable
 from transforms.sink_duckdb import connect, read_latest_rows, write_changelog
 
+pytestmark = pytest.mark.integration  # the Bigtable emulator and local-bigquery
+
 DAY = "2026-11-01"
 PROJECT, INSTANCE, TABLE = "test-project", "test-instance", "finalize_latest"
 BQ_PROJECT, BQ_DATASET = "local", "finalize"

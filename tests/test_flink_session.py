@@ -60,6 +60,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlinkSession]:
         print(f"\nflink session timings (s): {TIMINGS}")
 
 
+@pytest.mark.integration
 def test_rest_overview_shows_two_taskmanagers_with_four_slots(session: FlinkSession):
     overview = session.rest("/overview")
     assert overview["flink-version"] == "1.19.0"
@@ -74,6 +75,7 @@ def test_rest_overview_shows_two_taskmanagers_with_four_slots(session: FlinkSess
     assert TIMINGS["start"] < 60
 
 
+@pytest.mark.integration
 def test_worker_pool_answers_on_loopback(session: FlinkSession):
     port = session.settings().worker_pool_port
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -85,6 +87,7 @@ def test_worker_pool_answers_on_loopback(session: FlinkSession):
     assert response.error == ""
 
 
+@pytest.mark.integration
 def test_nothing_listens_beyond_loopback(session: FlinkSession):
     running = session.running()
     sockets = listening_sockets(running.values())
@@ -100,6 +103,7 @@ def test_nothing_listens_beyond_loopback(session: FlinkSession):
     assert any(a.endswith(f":{s.blob_port}") for a in everything)
 
 
+@pytest.mark.integration
 def test_config_binds_everything_to_loopback_and_checkpoints_in_run_dir(
         session: FlinkSession):
     config = (session.conf / "config.yaml").read_text()
@@ -110,6 +114,7 @@ def test_config_binds_everything_to_loopback_and_checkpoints_in_run_dir(
     assert 'restart-strategy.type: "fixed-delay"' in config
 
 
+@pytest.mark.integration
 def test_killed_taskmanager_drops_out_of_rest_and_a_restarted_one_returns(
         session: FlinkSession):
     pid = session.pid("taskmanager-2")
@@ -128,6 +133,7 @@ def test_killed_taskmanager_drops_out_of_rest_and_a_restarted_one_returns(
     assert overview["slots-total"] == 4
 
 
+@pytest.mark.integration
 def test_submit_args_target_this_cluster(session: FlinkSession):
     s = session.settings()
     args = session.submit_args()
@@ -142,6 +148,7 @@ def test_submit_args_target_this_cluster(session: FlinkSession):
     assert f"--flink_job_server_jar={flink.job_server_jar_path()}" in args
 
 
+@pytest.mark.integration
 def test_stop_leaves_no_process_running(session: FlinkSession):
     running = session.running()
     assert len(running) == 4

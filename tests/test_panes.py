@@ -2,7 +2,8 @@
 the DirectRunner (BundleBasedDirectRunner: the runner that executes TestStream here).
 
 Late panes use `late_firing_s=0` (a late pane per late bundle): with a processing-time
-late trigger this runner stalls ("Monitor task detected a pipeline stall", DESIGN.md).
+late trigger this runner stalls ("Monitor task detected a pipeline stall",
+docs/design.md#late-trigger-stall).
 """
 
 from __future__ import annotations

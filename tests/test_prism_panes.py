@@ -37,7 +37,7 @@ from tests.test_runner_prism import (  # noqa: F401 - module-scoped fixtures
     run_isolated,
 )
 
-pytestmark = [pytest.mark.prism, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.prism, pytest.mark.integration, pytest.mark.timeout(600)]
 
 CHILD = ROOT / "tests" / "prism_streams.py"
 PROPERTY_CASES = 3

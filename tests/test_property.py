@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC
 
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from hypothesis import HealthCheck, given, settings
@@ -88,6 +89,7 @@ def oracle_of(case) -> dict:
     return expected_metrics([truth(e) for e in events], DEFAULT_FUNNEL)
 
 
+@pytest.mark.integration  # a TestStream pipeline per example: >10 s in all
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(streams())
 def test_latest_values_equal_the_oracle(case) -> None:

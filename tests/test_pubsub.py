@@ -6,7 +6,8 @@ and too-late events included) in arrival order with `clickstream publish`, run
 wait (with a deadline) until DuckDB holds the oracle's values and every dead letter,
 stop it with SIGTERM, and check the reconciling summary it prints.
 
-The DirectRunner's Pub/Sub watermark follows the wall clock (DESIGN.md), so the dataset
+The DirectRunner's Pub/Sub watermark follows the wall clock
+(docs/design.md#pubsub-on-the-directrunner), so the dataset
 is generated for the day before yesterday (UTC): every window has ended before the first
 message (so the test need not wait for windows to close; early panes of open windows have
 their own test at the end), a 4-day allowed lateness keeps them all open, and the
@@ -106,6 +107,7 @@ def _sink_state(db: str) -> tuple[dict, int] | None:
         return None
 
 
+@pytest.mark.integration
 def test_pubsub_stream_equals_the_oracle_and_reconciles(
         topic_and_subscription: tuple[str, str], dataset: tuple[str, dict],
         tmp_path: Path) -> None:
@@ -239,6 +241,7 @@ def test_id_label_is_used_only_where_the_runner_supports_it() -> None:
         ReadEventMessages(f"projects/{PROJECT}/topics/t")
 
 
+@pytest.mark.integration
 def test_open_windows_get_early_panes_while_events_stream_in(
         topic_and_subscription: tuple[str, str], tmp_path: Path) -> None:
     """Dashboards fresh within minutes: events of the current hour, published while the

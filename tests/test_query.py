@@ -96,6 +96,7 @@ def series_args(metric: str, granularity: str, dims: dict, fmt: str = "json") ->
             "--format", fmt]
 
 
+@pytest.mark.integration
 def test_the_job_wrote_every_revision_to_bigtable_and_bigquery(stores) -> None:
     revisions = read_rows(stores.db, "SELECT count(*) FROM metric_changelog "
                                      "WHERE sign > 0")[0][0]
@@ -109,6 +110,7 @@ def test_the_job_wrote_every_revision_to_bigtable_and_bigquery(stores) -> None:
     assert counters.get(f"{INSERT_FAILED_REASON}.metric_changelog", 0) == 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("metric", "granularity", "dims"), SERIES)
 def test_all_three_stores_give_the_same_series_equal_to_the_oracle(
         capsys, stores, metric, granularity, dims) -> None:
@@ -127,6 +129,7 @@ def test_all_three_stores_give_the_same_series_equal_to_the_oracle(
     assert all(r["is_final"] and r["revision"] >= 1 for r in rows)
 
 
+@pytest.mark.integration
 def test_time_bounds_and_the_text_format_are_the_same_for_every_store(capsys, stores
                                                                       ) -> None:
     want = stores.want
@@ -147,6 +150,7 @@ def test_time_bounds_and_the_text_format_are_the_same_for_every_store(capsys, st
         want[("active_users", "{}", "hour", h)] for h in hours[3:7]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("store", ["bigtable", "bigquery"])
 def test_the_console_script_prints_the_same_table(capsys, stores, store) -> None:
     args = series_args("events", "day", {"event_type": "page_view"}, fmt="table")

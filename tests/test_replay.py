@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pipeline import oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.generator import DEFAULT_FUNNEL, GeneratorConfig, read_truth, write_dataset
@@ -31,6 +33,7 @@ def expected_after_lateness(data: str) -> dict[oracle.MetricKey, int]:
     return oracle.expected_metrics(truth, DEFAULT_FUNNEL, counted)
 
 
+@pytest.mark.integration  # a TestStream replay of a day: >10 s
 def test_replay_matches_the_oracle_with_too_late_events_dropped(tmp_path) -> None:
     data = str(tmp_path / "data")
     write_dataset(data, GeneratorConfig(events=1500, seed=5, too_late_rate=0.02))

@@ -35,7 +35,7 @@ from pipeline.compare import (
 from pipeline.generator import GeneratorConfig, write_dataset
 from transforms.sink_duckdb import connect, create_tables, read_rows
 
-pytestmark = [pytest.mark.prism, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.prism, pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "prism_job.py"

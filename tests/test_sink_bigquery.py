@@ -108,6 +108,7 @@ def write_rows(client: Any, dataset: str, changelog: list[dict], dead: list[dict
 
 # --- a small changelog ------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_view_holds_the_highest_revision_and_read_series_matches_bigtables_shape(bq):
     counters = write_rows(bq, "small", CHANGELOG, DEAD_LETTERS, batch_size=4)
     assert counters["bigquery_rows.metric_changelog"] == len(CHANGELOG)
@@ -154,6 +155,7 @@ def test_view_holds_the_highest_revision_and_read_series_matches_bigtables_shape
                      "payload": base64.b64encode(b"\xff{not json").decode()}]
 
 
+@pytest.mark.integration
 def test_tables_are_partitioned_and_clustered_and_latest_is_a_view(bq):
     write_rows(bq, "layout", CHANGELOG[:2], [])
     changelog = bq.get_table(f"{PROJECT}.layout.metric_changelog")
@@ -183,6 +185,7 @@ def test_tables_are_partitioned_and_clustered_and_latest_is_a_view(bq):
     assert count(bq, "layout", "metric_latest") == 1
 
 
+@pytest.mark.integration
 def test_a_row_bigquery_refuses_goes_to_the_dead_letter_with_its_reason(bq):
     bad = row(CLICK, T0 + timedelta(hours=5), 4, +1, 1)
     bad["timing"] = None  # REQUIRED in the table: the server refuses this row only
@@ -240,6 +243,7 @@ def job_run(dataset, bq, tmp_path_factory) -> tuple[dict[str, int], float]:
     return counters, time.monotonic()
 
 
+@pytest.mark.integration
 def test_job_writes_the_oracles_numbers_to_bigquery(dataset, bq, job_run):
     counters, _ = job_run
     want = oracle.from_json(expected(dataset)["metrics"])
@@ -250,12 +254,14 @@ def test_job_writes_the_oracles_numbers_to_bigquery(dataset, bq, job_run):
     assert counters.get(f"{INSERT_FAILED_REASON}.metric_changelog", 0) == 0
 
 
+@pytest.mark.integration
 def test_changelog_sums_to_the_view_and_has_no_doubles(bq, job_run):
     assert count(bq, "job", "metric_changelog", "sign < 0") > 0  # retractions are there
     assert doubled_keys(bq, "job") == []
     assert invariant_mismatches(bq, "job") == []
 
 
+@pytest.mark.integration
 def test_dead_letters_reach_bigquery_by_reason(dataset, bq, job_run):
     rows = query(bq, f"SELECT reason, count(*) AS n FROM `{PROJECT}.job.dead_letter` "
                      "GROUP BY reason")
@@ -263,6 +269,7 @@ def test_dead_letters_reach_bigquery_by_reason(dataset, bq, job_run):
         "dead_letter_by_reason"]
 
 
+@pytest.mark.integration
 def test_rerunning_the_same_input_does_not_double_rows(dataset, bq, job_run, tmp_path):
     _, first_done = job_run
     before = {t: count(bq, "job", t) for t in ("metric_changelog", "dead_letter")}
@@ -275,6 +282,7 @@ def test_rerunning_the_same_input_does_not_double_rows(dataset, bq, job_run, tmp
     assert doubled_keys(bq, "job") == []
 
 
+@pytest.mark.integration
 def test_view_stays_exact_when_a_rerun_falls_outside_the_insert_id_window(
         dataset, bq, tmp_path):
     """A restart makes the server forget its insert ids, as time does in BigQuery: the raw
@@ -320,6 +328,7 @@ def retries() -> Iterator[_Retries]:
         logger.setLevel(old_level)
 
 
+@pytest.mark.integration
 def test_server_stopped_mid_write_is_retried_with_backoff_without_doubles_or_gaps(
         dataset, tmp_path, retries):
     data_dir, port = str(tmp_path / "bq-data"), servers.free_port()
@@ -393,6 +402,7 @@ def test_server_stopped_mid_write_is_retried_with_backoff_without_doubles_or_gap
                 cm.__exit__(None, None, None)
 
 
+@pytest.mark.integration
 def test_a_dead_letter_bigquery_refuses_fails_the_job_instead_of_vanishing(bq):
     bad = dict(DEAD_LETTERS[0], dead_letter_id="bad-0", reason=None)  # reason is REQUIRED
     with pytest.raises(Exception, match="refused dead letter bad-0"):

@@ -43,6 +43,7 @@ def table(bigtable_emulator, request):  # noqa: F811
     return name
 
 
+@pytest.mark.integration
 def test_one_row_per_window_with_latest_revision(table):
     run_write(table)
     rows = {r["row_key"]: r for r in read_all_rows(PROJECT, INSTANCE, table)}
@@ -74,6 +75,7 @@ def test_one_row_per_window_with_latest_revision(table):
     assert [r["value"] for r in only_6] == [11]
 
 
+@pytest.mark.integration
 def test_replayed_write_does_not_double(table):
     run_write(table)
     first = sorted(read_all_rows(PROJECT, INSTANCE, table), key=lambda r: r["row_key"])

@@ -1,9 +1,10 @@
 """Drop every repeat of an event_id, across bundles, files and hours of arrival.
 
 Why buckets: the Python SDK pays a fixed cost per state key per bundle (its state cache
-sizes each cached value, walking all loaded modules: ~4 ms here, DESIGN.md), so a
-ValueState per event_id costs ~1 ms per event. Keying on a hash bucket of event_id
-bounds the keys a bundle touches to the bucket count, whatever the traffic.
+sizes each cached value, walking all loaded modules: ~4 ms here; see
+docs/design.md#state-cost-per-key), so a ValueState per event_id costs ~1 ms per event.
+Keying on a hash bucket of event_id bounds the keys a bundle touches to the bucket count,
+whatever the traffic.
 
 Inside a bucket, ids are grouped by the UTC day of their event time, so an event-time
 timer can drop a day's ids once that day's windows are past the allowed lateness (no

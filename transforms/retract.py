@@ -5,8 +5,8 @@ The Python SDK has no RETRACTING accumulation mode, so this stage builds it: per
 each new value it emits that row again with sign -1. For every key and window,
 sum(sign × value) over the changelog equals the latest value.
 
-Timing is derived here rather than trusted from the runner (DESIGN.md: the
-BundleBasedDirectRunner labels late panes EARLY): once the watermark has passed the
+Timing is derived here rather than trusted from the runner (docs/design.md#late-trigger-stall:
+the BundleBasedDirectRunner labels late panes EARLY): once the watermark has passed the
 window end, or an ON_TIME/LATE pane was seen, every later pane is LATE. The final mark
 comes from an event-time timer at window end + allowed lateness: past it the windowing
 drops data, so the value can no longer change.

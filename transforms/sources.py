@@ -63,7 +63,8 @@ class ReadEventFiles(beam.PTransform):
     bytes per line, in lists (see SplitLinesFn).
 
     Bytes, not str: a UTF-8 text source fails the whole read on one invalid line
-    (DESIGN.md); decoding belongs to validation, which dead-letters such a line.
+    (docs/design.md#utf-8-text-sources); decoding belongs to validation, which
+    dead-letters such a line.
     Each file is read by one worker, line by line at C speed: textio's splittable read
     spent ~5.5 µs a line on range tracking (measured), more than parsing's JSON step,
     and landing zones and the generator write many shards rather than one huge file.
@@ -86,10 +87,10 @@ def runner_supports_id_label(runner: object) -> bool:
     """Whether `runner` (a name, class or instance) honours ReadFromPubSub's id_label.
 
     Only Dataflow implements Pub/Sub reads natively with id_label dedup. The Python
-    DirectRunner raises NotImplementedError for it (DESIGN.md), and the portable runners
-    (Prism, Flink) have no native Pub/Sub read of their own. Elsewhere the graph's
-    event_id dedup is what removes redeliveries, so dropping id_label there loses nothing
-    but an earlier, cheaper filter.
+    DirectRunner raises NotImplementedError for it (docs/design.md#pubsub-on-the-directrunner),
+    and the portable runners (Prism, Flink) have no native Pub/Sub read of their own.
+    Elsewhere the graph's event_id dedup is what removes redeliveries, so dropping
+    id_label there loses nothing but an earlier, cheaper filter.
     """
     name = runner if isinstance(runner, str) else (
         runner.__name__ if isinstance(runner, type) else type(runner).__name__)
@@ -167,7 +168,7 @@ class Rebundle(beam.PTransform):
     DirectRunner only. Input must be stamped with ingest time. The group fires on the
     watermark (the wall clock there), not on a processing-time trigger: a
     Repeatedly(AfterProcessingTime) fired once and then never again on that runner
-    (measured), the stall DESIGN.md reports for late triggers. One key: the runner has
+    (measured), the stall of docs/design.md#late-trigger-stall. One key: the runner has
     one worker thread anyway.
     """
 
@@ -183,3 +184,61 @@ class Rebundle(beam.PTransform):
             | "Group" >> beam.GroupByKey()
             | "Ungroup" >> beam.FlatMap(lambda keyed: keyed[1])
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows()))
+
+
+class ReadEventRecords(beam.PTransform):
+    """A Kafka topic → the raw value bytes of each record, like ReadEventFiles.
+
+    Beam's cross-language ReadFromKafka (Java KafkaIO, expanded by `expansion_service`).
+    The record value is the payload the file source yields per line, so the graph after
+    the source is the same for every source; the key (the sender's identity) only places
+    the record on a partition.
+
+    Watermark: each record's timestamp is its CreateTime (the producer's send time, or
+    the simulated arrival time of a replay), and the source's watermark is the minimum
+    over partitions of the newest CreateTime read, with a bounded out-of-orderness of
+    zero: that is KafkaIO's create-time policy as its cross-language expansion builds it
+    (``withCreateTime(Duration.ZERO)``; the Python API has no delay parameter). Zero is
+    right for producers that send each partition in timestamp order, as `clickstream
+    publish` and `clickstream load` do; events whose *event* time trails (late devices)
+    are handled by the windows' allowed lateness, not by the source. A caught-up
+    partition's watermark advances to the wall clock, so publish a replay before the job
+    starts reading it (docs/streaming.md).
+
+    Offsets are committed to `group` only when a Flink checkpoint that covers them
+    completes (commit_offset_in_finalize, auto commit off): a restarted job re-reads
+    from the last completed checkpoint, and the graph's event_id dedup removes what it
+    reads twice. Each record is then stamped with ingest time (StampIngestTimeFn): the
+    dead letter is windowed with no allowed lateness, and ingest time is never behind
+    the watermark (which never passes the wall clock).
+    """
+
+    def __init__(self, bootstrap: str, topic: str, group: str,
+                 expansion_service: str) -> None:
+        super().__init__()
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._group = group
+        self._expansion_service = expansion_service
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        from apache_beam.io.kafka import ReadFromKafka
+
+        return (
+            pbegin
+            | "ReadKafka" >> ReadFromKafka(
+                consumer_config={"bootstrap.servers": self._bootstrap,
+                                 "group.id": self._group,
+                                 "auto.offset.reset": "earliest",
+                                 "enable.auto.commit": "false"},
+                topics=[self._topic],
+                with_metadata=False,
+                timestamp_policy=ReadFromKafka.create_time_policy,
+                commit_offset_in_finalize=True,
+                expansion_service=self._expansion_service)
+            | "Values" >> beam.Map(_record_value).with_output_types(bytes)
+            | "StampIngestTime" >> beam.ParDo(StampIngestTimeFn()))
+
+
+def _record_value(record: tuple[bytes | None, bytes]) -> bytes:
+    return record[1]
