@@ -1,14 +1,14 @@
 """Capacity inputs, measured here: per-stage CPU cost per event, dedup state bytes per id,
 the error of cheaper dedup options, and changelog rows per window key.
 
-    python -m benchmarks.capacity [--events 200000] [--seed 1] [--out bench-results/]
+    python -m benchmarks.capacity [--events 200000] [--repeats 3] [--with-bot-policy] [--out DIR]
 
 Stage costs: the graph is built cumulatively (read; + parse; + dedup; + metrics;
 + retract; + DuckDB sink; + hot-key sketch; + bot policy), each prefix run in its own
 process on the DirectRunner's FnApiRunner (batch, one worker, in memory) over the same
 generated dataset; a stage's cost is the CPU seconds its prefix adds, per event read, so
 the fixed cost of each run (imports, pipeline construction) cancels. Each prefix runs
---repeats times and the median counts. Results: OUT/capacity.json and OUT/capacity.md,
+--repeats times and the median counts. Results: OUT/results-capacity-<date>.json and .md,
 with the load average and CPU count (the machine is shared). docs/capacity.md turns
 them into the model.
 """
@@ -240,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--with-bot-policy", action="store_true",
+                        help="also measure the bot policy stage (a group per device and "
+                             "minute: slow on a day of data)")
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--data-dir", default=str(ROOT / ".cache" / "bench-data"))
     parser.add_argument("--from-json", help="rewrite OUT/capacity.md from a capacity.json")
@@ -254,10 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
         report.update(dataset_shares(Path(report["dataset"])))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "capacity.json").write_text(json.dumps(report, indent=1))
-        (out / "capacity.md").write_text(markdown(report))
-        print(markdown(report))
+        write(out, report)
         return 0
 
     from benchmarks.run import dataset, environment
@@ -265,18 +265,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = dataset(Path(args.data_dir), args.events, args.seed)
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    stages_run = STAGES if args.with_bot_policy else STAGES[:-1]
     for repeat in range(args.repeats):
-        for upto, stage in enumerate(STAGES):
+        for upto, stage in enumerate(stages_run):
             result = run_prefix(data_dir, upto)
             runs[stage].append(result)
             print(f"[capacity] repeat {repeat + 1}/{args.repeats} up to {stage}: "
                   f"{result['cpu_s']:.2f} CPU s, {result['wall_s']:.2f} wall s",
                   file=sys.stderr, flush=True)
     read = max(r["counters"].get("read", 0) for r in runs["parse"])
-    median_cpu = {s: statistics.median(r["cpu_s"] for r in runs[s]) for s in STAGES}
+    median_cpu = {s: statistics.median(r["cpu_s"] for r in runs[s]) for s in stages_run}
     stages = []
     previous = 0.0
-    for stage in STAGES:
+    for stage in stages_run:
         # hot_keys and bot_policy are measured on top of the whole graph (sink included).
         added = median_cpu[stage] - previous
         stages.append({"stage": stage, "prefix_cpu_s_median": median_cpu[stage],
@@ -295,11 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "horizon": horizon_error(str(data_dir)),
         **dataset_shares(data_dir),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "capacity.json").write_text(json.dumps(report, indent=1))
-    (out / "capacity.md").write_text(markdown(report))
-    print(markdown(report))
+    report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write(out, report)
     return 0
+
+
+def write(out: Path, report: dict[str, Any]) -> None:
+    """OUT/results-capacity-<date>.json and .md, the date of the measurement."""
+    date = report.get("measured_at", time.strftime("%Y-%m-%dT", time.gmtime()))[:10]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"results-capacity-{date}.json").write_text(json.dumps(report, indent=1))
+    (out / f"results-capacity-{date}.md").write_text(markdown(report))
+    print(markdown(report))
 
 
 RATES = {"average": 11_600, "peak": 58_000}  # events/s: a billion a day, 5x peaks
