@@ -83,8 +83,9 @@ class ClickstreamOptions(PipelineOptions):
                            help="Hash buckets of event_id for dedup state; raise it so "
                                 "each bucket-day holds at most ~100k ids.")
         group.add_argument("--hot_key_window_s", type=int, default=60,
-                           help="Event-time window of the hot-key sketch (seconds; 0: no "
-                                "hot-key detection).")
+                           help="Event-time window of the streaming job's hot-key sketch "
+                                "(seconds; 0: no hot-key detection; bounded runs have "
+                                "none).")
         group.add_argument("--hot_key_min_share", type=float, default=0.05,
                            help="Report keys (devices) with at least this share of a "
                                 "window's unique events.")

@@ -11,11 +11,15 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.exporter import MetricsExporter, Snapshot, TopicLag, families, poll_job
-from pipeline.job import build, counters_of
+from pipeline.graph import ClickstreamMetrics
+from pipeline.job import counters_of
 from pipeline.kafka import PartitionLag
-from pipeline.options import ClickstreamOptions
 from tests.prometheus import prometheus
 from tests.test_hot_keys import BOT, MINUTE_MS, make_events, to_line
+from transforms.hot_keys import DetectHotKeys, HotKeyConfig
+from transforms.metrics import MetricsConfig
+from transforms.sink_duckdb import WriteToDuckDB
+from transforms.sources import ReadEventFiles
 
 MIN_EVENTS = 550  # per minute window; the dataset has ~600 a minute
 MALFORMED = [b"not json at all", b'{"event_type": "tap"}', b"[1, 2]"]
@@ -32,12 +36,13 @@ def finished_job(tmp_path_factory):
     lines += MALFORMED
     random.Random(5).shuffle(lines)
     (out / "events-0.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    options = PipelineOptions(["--input_files", str(out / "events-*.jsonl"),
-                               "--duckdb_path", str(out / "out.duckdb"),
-                               "--hot_key_min_share", "0.1",
-                               "--hot_key_min_events", str(MIN_EVENTS)])
-    p = beam.Pipeline(options=options)
-    build(p, options.view_as(ClickstreamOptions))
+    # The job's graph with the hot-key sketch on (build() leaves it out of bounded runs).
+    p = beam.Pipeline(options=PipelineOptions(["--direct_num_workers=1"]))
+    outputs = (p
+               | ReadEventFiles(str(out / "events-*.jsonl"))
+               | ClickstreamMetrics(MetricsConfig().for_bounded_input(), hot_keys=DetectHotKeys(
+                   HotKeyConfig(min_share=0.1, min_events=MIN_EVENTS))))
+    outputs | WriteToDuckDB(str(out / "out.duckdb"))
     result = p.run()
     result.wait_until_finish()
     return events, lines, result
