@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -45,7 +44,7 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
     from pipeline.load import Burst, LoadConfig, run_load
     from runners.flink_session import FlinkSession, Settings
     from tests.prometheus import load_rules, prometheus, with_short_waits
-    from tests.servers import free_port, kafka_broker
+    from tests.servers import free_port, kafka_broker, stop_process
     from transforms.sink_duckdb import read_rows
 
     t0 = time.monotonic()
@@ -82,12 +81,7 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
 
         def stop_jobs() -> None:
             for job in jobs:
-                if job.poll() is None:
-                    job.send_signal(signal.SIGTERM)
-                    try:
-                        job.wait(timeout=120)
-                    except subprocess.TimeoutExpired:
-                        job.kill()
+                stop_process(job, timeout=120)
 
         stack.callback(stop_jobs)
 

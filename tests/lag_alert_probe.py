@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -48,7 +47,7 @@ def main(out_dir: str, rate: float, seconds: float, hot_key_share: float = 0.0,
     from pipeline.load import LoadConfig, run_load
     from runners.flink import job_server_jar_path
     from tests.prometheus import load_rules, prometheus, with_short_waits
-    from tests.servers import free_port, kafka_broker
+    from tests.servers import free_port, kafka_broker, stop_process
     from transforms.sink_duckdb import read_rows
 
     out = Path(out_dir)
@@ -87,13 +86,7 @@ def main(out_dir: str, rate: float, seconds: float, hot_key_share: float = 0.0,
                 raise RuntimeError(f"the job exited with {job.returncode}:\n{tail}")
 
         def stop_job() -> None:
-            if job.poll() is None:
-                job.send_signal(signal.SIGTERM)
-                try:
-                    job.wait(timeout=180)
-                except subprocess.TimeoutExpired:
-                    job.kill()
-                    job.wait()
+            stop_process(job, timeout=180)  # SIGTERM: the job cancels and summarizes
             job_log.close()
 
         stack.callback(stop_job)
