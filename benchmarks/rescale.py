@@ -144,7 +144,7 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
         with contextlib.suppress(AssertionError):
             prom.wait_for("the sink", lambda: counted() == sent or None, 180)
         mark("sink_checked")
-        restored = session.checkpoints(running_job() or "")["counts"].get("restored")
+        restored = session.checkpoint_stats(running_job() or "")["counts"].get("restored")
         return {"marks_s": marks, "sent": sent, "counted_in_sink": counted(),
                 "lag_at_alert": lag_at_alert, "savepoint": location,
                 "restored_checkpoints": restored, "parallelism": [1, 4],

@@ -151,6 +151,23 @@ def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
     return result.metrics()
 
 
+def _live_metrics(result: beam.runners.runner.PipelineResult, options: PipelineOptions
+                  ) -> Callable[[], MetricResults]:
+    """How to read a running job's metrics: on a Flink cluster (--flink_master HOST:PORT)
+    from its REST accumulators, since Flink's job service answers only for finished jobs;
+    elsewhere from the result."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    master = options.view_as(FlinkRunnerOptions).flink_master
+    if "Flink" in str(options.view_as(StandardOptions).runner) and master \
+            and not master.startswith("["):
+        from runners.flink_session import running_beam_metrics
+
+        url = master if master.startswith("http") else f"http://{master}"
+        return lambda: running_beam_metrics(url)
+    return lambda: _metrics(result)
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
     return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
@@ -351,7 +368,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     stop = threading.Event()
     with explain_sink_failures(clickstream):
         result = p.run()
-        exporter = exporter_for(lambda: _metrics(result), options)
+        exporter = exporter_for(_live_metrics(result, options), options)
         reporter = threading.Thread(target=_report_progress,
                                     args=(result, started, stop, progress_every_s),
                                     daemon=True)
@@ -408,7 +425,7 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
-        exporter = exporter_for(lambda: _metrics(result), options)
+        exporter = exporter_for(_live_metrics(result, options), options)
         if exporter is not None:
             resources.callback(exporter.stop)
         source = (f"Kafka topic {kafka.kafka_topic} at {kafka.kafka_bootstrap}"
