@@ -42,7 +42,7 @@ def run(name: str, share: float, extra: tuple[str, ...], rate: float, seconds: f
         checkpoints = Path(tmp, "checkpoints").as_uri()
         cmd = ["unshare", "-n", sys.executable, "-m", "tests.lag_alert_probe", tmp,
                "--rate", str(rate), "--seconds", str(seconds),
-               "--hot_key_share", str(share), "--warmup",
+               "--hot_key_share", str(share), "--warmup", "--job_arg=--state_backend=filesystem",
                f"--job_arg=--state_backend_storage_path={checkpoints}", *extra]
         print(f"[hot_key] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
