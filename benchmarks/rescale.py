@@ -122,8 +122,11 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
         if not location:
             raise RuntimeError(f"savepoint failed: {status}")
         mark("savepoint_done")
+        # The first run's job has ended with the savepoint; its process (and exporter
+        # port) must be gone before the second binds the port.
         with contextlib.suppress(subprocess.TimeoutExpired):
             jobs[0].wait(timeout=60)
+        stop_process(jobs[0], timeout=30)
         start_job(4, location)
         prom.wait_for("job 2 running", running_job, 300)
         mark("job2_running")
