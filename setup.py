@@ -18,6 +18,7 @@ setup(
         "duckdb>=1.1",
         "orjson>=3.9",
         "pyarrow>=14",
+        "prometheus-client>=0.20",
         "confluent-kafka>=2.4",
         "fastapi>=0.110",
         "uvicorn>=0.29",

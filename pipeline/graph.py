@@ -42,7 +42,9 @@ class ClickstreamMetrics(beam.PTransform):
                  archive: beam.PTransform | None = None,
                  panes: beam.PTransform | None = None,
                  held: HeldRows | None = None,
-                 privacy: PrivacyPolicy | None = None) -> None:
+                 privacy: PrivacyPolicy | None = None,
+                 hot_keys: beam.PTransform | None = None,
+                 bot_policy: beam.PTransform | None = None) -> None:
         super().__init__()
         self._held = held
         self._privacy = privacy
@@ -52,6 +54,8 @@ class ClickstreamMetrics(beam.PTransform):
         self._dedup = dedup
         self._archive = archive
         self._panes = panes
+        self._hot_keys = hot_keys
+        self._bot_policy = bot_policy
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
@@ -61,6 +65,13 @@ class ClickstreamMetrics(beam.PTransform):
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
+        if self._hot_keys is not None:
+            unique | "HotKeys" >> self._hot_keys
+        if self._bot_policy is not None:
+            # Before the archive too: finalize recomputes from the archive, and must
+            # agree with the stream on what was set apart.
+            unique, suspected = unique | "BotPolicy" >> self._bot_policy
+            dead_letters = (dead_letters, suspected) | "AllDeadLetters" >> beam.Flatten()
         if self._archive is not None:
             unique | "RawArchive" >> self._archive
         if not config.bounded:

@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.portability import portable_runner
 from google.api_core import exceptions as google_exceptions
 
+from pipeline.exporter import exporter_for
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.kafka import consumer_lag, expansion_service
 from pipeline.options import ClickstreamOptions, KafkaOptions
@@ -147,6 +148,23 @@ def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
     return result.metrics()
 
 
+def _live_metrics(result: beam.runners.runner.PipelineResult, options: PipelineOptions
+                  ) -> Callable[[], MetricResults]:
+    """How to read a running job's metrics: on a Flink cluster (--flink_master HOST:PORT)
+    from its REST accumulators, since Flink's job service answers only for finished jobs;
+    elsewhere from the result."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    master = options.view_as(FlinkRunnerOptions).flink_master
+    if "Flink" in str(options.view_as(StandardOptions).runner) and master \
+            and not master.startswith("["):
+        from runners.flink_session import running_beam_metrics
+
+        url = master if master.startswith("http") else f"http://{master}"
+        return lambda: running_beam_metrics(url)
+    return lambda: _metrics(result)
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
     return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
@@ -221,7 +239,11 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
         archive=options.raw_archive(bounded=bounded), held=held,
-        privacy=options.privacy_policy())
+        privacy=options.privacy_policy(),
+        # Hot keys are a streaming concern (a partition, a lagging stage);
+        # a bounded bundle spans many windows, where the sketch costs most.
+        hot_keys=None if bounded else options.hot_key_detector(),
+        bot_policy=options.bot_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
 
 
@@ -374,6 +396,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     stop = threading.Event()
     with explain_sink_failures(clickstream):
         result = p.run()
+        exporter = exporter_for(_live_metrics(result, options), options)
         reporter = threading.Thread(target=_report_progress,
                                     args=(result, started, stop, progress_every_s),
                                     daemon=True)
@@ -382,6 +405,8 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             state = result.wait_until_finish()
         finally:
             stop.set()
+            if exporter is not None:
+                exporter.stop()
     return summarize(result, time.monotonic() - started, str(state), clickstream)
 
 
@@ -428,6 +453,9 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
+        exporter = exporter_for(_live_metrics(result, options), options)
+        if exporter is not None:
+            resources.callback(exporter.stop)
         source = (f"Kafka topic {kafka.kafka_topic} at {kafka.kafka_bootstrap}"
                   if kafka.kafka_topic else clickstream.input_subscription)
         log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s%s", source,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
+from transforms.hot_keys import BotPolicy, DetectHotKeys, HotKeyConfig
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
 from transforms.pseudonymize import (
     KEY_ENV_DEFAULT,
@@ -91,6 +93,24 @@ class ClickstreamOptions(PipelineOptions):
         group.add_argument("--dedup_buckets", type=int, default=DEFAULT_BUCKETS,
                            help="Hash buckets of event_id for dedup state; raise it so "
                                 "each bucket-day holds at most ~100k ids.")
+        group.add_argument("--hot_key_window_s", type=int, default=60,
+                           help="Event-time window of the streaming job's hot-key sketch "
+                                "(seconds; 0: no hot-key detection; bounded runs have "
+                                "none).")
+        group.add_argument("--hot_key_min_share", type=float, default=0.05,
+                           help="Report keys (devices) with at least this share of a "
+                                "window's unique events.")
+        group.add_argument("--hot_key_min_events", type=int, default=1000,
+                           help="Report hot keys only for windows with at least this "
+                                "many unique events.")
+        group.add_argument("--bot_max_events", type=int, default=0,
+                           help="Bot policy: a device with more unique events than this "
+                                "in one --bot_window_s window is suspected automation; "
+                                "its events of that window go to the dead letter "
+                                "(reason suspected_automation) instead of the metrics "
+                                "(0: no policy).")
+        group.add_argument("--bot_window_s", type=int, default=60,
+                           help="Event-time window of the bot policy (seconds).")
         # Empty strings, not None, for "unset": the flex template's metadata marks an
         # option without a default as required (tests/test_flex_template.py).
         group.add_argument("--archive_path", default="",
@@ -149,6 +169,22 @@ class ClickstreamOptions(PipelineOptions):
             run_id = run_id_for(self.input_files)
         return WriteRawArchive(self.archive_path, run_id=run_id,
                                buckets=self.archive_buckets, bounded=bounded)
+
+    def hot_key_detector(self) -> DetectHotKeys | None:
+        """The hot-key sketch stage, or None with --hot_key_window_s 0."""
+        if self.hot_key_window_s <= 0:
+            return None
+        return DetectHotKeys(HotKeyConfig(window_s=self.hot_key_window_s,
+                                          min_share=self.hot_key_min_share,
+                                          min_events=self.hot_key_min_events))
+
+    def bot_policy(self, clock: Callable[[], float] = time.time) -> BotPolicy | None:
+        """The bot policy stage, or None with --bot_max_events 0. Its lateness covers the
+        day windows' (a device-window ends before the day that holds it)."""
+        if self.bot_max_events <= 0:
+            return None
+        return BotPolicy(self.bot_max_events, self.bot_window_s,
+                         self.allowed_lateness_s + DAY_S, clock)
 
     def bigtable_target(self) -> tuple[str, str, str] | None:
         """(project, instance, table) of the Bigtable sink, or None when all three
