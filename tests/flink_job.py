@@ -49,14 +49,6 @@ NO_CHECKPOINTS: dict[str, object] = {
 }
 
 
-# The graph's options for a streaming job over files on Flink. No allowed lateness: with
-# any, Flink (Beam 2.70's runner) closes each window at its lateness horizon with a pane
-# of value 0 after the right on-time pane (docs/flink.md); files hold the watermark until
-# all is read, so nothing is late anyway. No early panes: one fired by the processing-
-# time clock after the last checkpoint, written, then fired again with other contents
-# after a restore would be a revision the keyed sink keeps from the first attempt.
-STREAMING_OVER_FILES = ("--allowed_lateness_s=0", "--early_firing_s=0")
-
 
 def final_windows(duckdb_path: str) -> int:
     """Final windows in the sink; -1 while it cannot be read. Opened read-write under
@@ -122,7 +114,7 @@ def main(argv: list[str]) -> int:
         done = int(next(a for a in rest if a.startswith("--done_windows=")).split("=")[1])
         rest = [a for a in rest if not a.startswith("--done_windows=")]
         summary = run_streaming_over_files(
-            [*preset_args("flink"), *STREAMING_OVER_FILES, *rest], done, 600)
+            [*preset_args("flink"), *rest], done, 600)
     else:
         raise SystemExit(f"unknown mode {mode!r}: batch, streaming or replay")
     print(json.dumps({

@@ -9,10 +9,9 @@ tests/test_runner_prism.py's ``isolation_prefix``, shared here):
 * batch: ``clickstream run``'s path. Counters come back from the job service once the
   job has finished (pipeline/job.py asks again after the run; Beam caches the first,
   empty, answer);
-* streaming over the same files, checkpointing every 2 s into RocksDB, with no allowed
-  lateness and no early panes (tests/flink_job.py's STREAMING_OVER_FILES says why): the
-  job never ends by itself, so it runs until the sink holds every window final, then is
-  cancelled.
+* streaming over the same files, checkpointing every 2 s into RocksDB, with the default
+  allowed lateness and early panes: the job never ends by itself, so it runs until the
+  sink holds every window final, then is cancelled.
   A cancelled Flink job has no metrics in the job service, so the summary must say
   "counters unavailable on this runner" and reconcile from the sink;
 * the held-out replay (``clickstream replay``, a TestStream with early, on-time and late
@@ -27,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -216,31 +214,10 @@ def replay_run(job_server_jar: Path, netns_prefix: list[str], tmp_path_factory
     return summary, data, db
 
 
-EMPTY_FINAL_PANE = (
-    "Flink (Beam 2.70's runner, this job server) closes every window at its lateness "
-    "horizon with a pane of value 0 after the right on-time and late panes, so the latest "
-    "value is 0 (docs/flink.md); strict: passes the day that is fixed")
-
-
-@pytest.mark.xfail(strict=True, reason=EMPTY_FINAL_PANE)
 def test_flink_replay_equals_the_oracle_with_too_late_events_dropped(replay_run) -> None:
     summary, data, db = replay_run
     assert summary["state"] == "DONE"
     assert differences(latest_from_duckdb(db), expected_after_lateness(data)) == []
-
-
-def test_flink_replay_panes_before_the_empty_final_one_equal_the_oracle(replay_run
-                                                                        ) -> None:
-    """The defect above is the last pane only: each window's last non-empty revision
-    equals the oracle (too-late events dropped), and the changelog sums to the latest."""
-    _, data, db = replay_run
-    rows = read_rows(db, """
-        SELECT metric, dims, granularity, window_start, arg_max(value, revision)
-        FROM metric_changelog WHERE sign > 0 AND value <> 0 GROUP BY ALL""")
-    last_nonempty = {(m, d, g, w.astimezone(UTC).isoformat()): v for m, d, g, w, v in rows}
-    want = {k: v for k, v in expected_after_lateness(data).items() if v}
-    assert differences(last_nonempty, want) == []
-    assert changelog_mismatches(db) == []
 
 
 def test_flink_replay_panes_on_time_late_and_final(replay_run) -> None:

@@ -250,22 +250,30 @@ class PreAggregateFn(beam.DoFn):
 
 
 class MergePartialsFn(beam.CombineFn):
-    """Combines partial accumulators of `combine_fn` (from PreAggregateFn)."""
+    """Combines partial accumulators of `combine_fn` (from PreAggregateFn), counting
+    them: a pane that holds no partial has no value (None), not the value of an empty
+    accumulator. Flink's runner fires such an empty pane at each window's lateness
+    horizon (docs/flink.md#found-on-flink-beam-270-java-runner-flink-119); read as 0, it
+    overwrote every window's value."""
 
     def __init__(self, combine_fn: beam.CombineFn) -> None:
         self._fn = combine_fn
 
-    def create_accumulator(self) -> Any:
-        return self._fn.create_accumulator()
+    def create_accumulator(self) -> tuple[int, Any]:
+        return 0, self._fn.create_accumulator()
 
-    def add_input(self, acc: Any, partial: Any) -> Any:
-        return self._fn.merge_accumulators([acc, partial])
+    def add_input(self, acc: tuple[int, Any], partial: Any) -> tuple[int, Any]:
+        merged, inner = acc
+        return merged + 1, self._fn.merge_accumulators([inner, partial])
 
-    def merge_accumulators(self, accs: Iterable[Any]) -> Any:
-        return self._fn.merge_accumulators(accs)
+    def merge_accumulators(self, accs: Iterable[tuple[int, Any]]) -> tuple[int, Any]:
+        accs = list(accs)
+        return (sum(merged for merged, _ in accs),
+                self._fn.merge_accumulators([inner for _, inner in accs]))
 
-    def extract_output(self, acc: Any) -> Any:
-        return self._fn.extract_output(acc)
+    def extract_output(self, acc: tuple[int, Any]) -> Any:
+        merged, inner = acc
+        return self._fn.extract_output(inner) if merged else None
 
 
 _STEP_NAMES = {"hour": "Hourly", "day": "Daily"}
@@ -316,7 +324,8 @@ class CombinePartials(beam.PTransform):
             values = (
                 windowed
                 | f"Only_{name}" >> beam.Filter(lambda kv, name=name: kv[0][0] == name)
-                | f"Combine_{name}" >> beam.CombinePerKey(MergePartialsFn(spec.combine_fn)))
+                | f"Combine_{name}" >> beam.CombinePerKey(MergePartialsFn(spec.combine_fn))
+                | f"NonEmpty_{name}" >> beam.Filter(lambda kv: kv[1] is not None))
             if name == FUNNEL:
                 values = values | "PerFunnelStep" >> beam.FlatMap(
                     lambda kv: [(("funnel_step", dims, kv[0][2]), reached) for dims, reached
