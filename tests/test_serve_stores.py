@@ -129,3 +129,27 @@ def test_changelog_and_dead_letters_from_duckdb_and_bigquery_bigtable_says_where
         response = clients["bigtable"].get(path, params=params)
         assert response.status_code == 404
         assert "DuckDB or BigQuery" in response.json()["detail"]
+
+
+def test_a_changelog_table_from_before_sketches_gains_the_column(bigquery_server) -> None:  # noqa: F811
+    from google.cloud import bigquery
+
+    import schemas
+    from transforms import sink_bigquery
+
+    bq = servers.LocalBigQueryTestClient(bigquery_server, BQ_PROJECT)
+    dataset = "before_sketches"
+    bq.create_dataset(f"{BQ_PROJECT}.{dataset}")
+    old = [bigquery.SchemaField.from_api_repr(f) for f in sink_bigquery.table_schema(
+        "metric_changelog")["fields"] if f["name"] != schemas.SKETCH_COLUMN]
+    bq.create_table(bigquery.Table(f"{BQ_PROJECT}.{dataset}.metric_changelog", schema=old))
+    sink_bigquery._ENSURED.clear()
+    sink_bigquery.ensure_dataset_and_tables(BQ_PROJECT, dataset, bq)
+    table = bq.get_table(f"{BQ_PROJECT}.{dataset}.metric_changelog")
+    assert [f.name for f in table.schema] == [*schemas.CHANGELOG_COLUMNS,
+                                              schemas.SKETCH_COLUMN]
+    assert table.schema[-1].field_type == "BYTES" and table.schema[-1].mode == "NULLABLE"
+    view = bq.get_table(f"{BQ_PROJECT}.{dataset}.metric_latest")
+    assert "sketch" in view.view_query
+    assert list(bq.query(f"SELECT sketch FROM `{BQ_PROJECT}.{dataset}.metric_latest`")
+                .result()) == []

@@ -162,8 +162,8 @@ def test_tables_are_partitioned_and_clustered_and_latest_is_a_view(bq):
     assert changelog.time_partitioning.type_ == "DAY"
     assert changelog.time_partitioning.field == "window_start"
     assert changelog.clustering_fields == ["metric"]
-    assert [f.name for f in changelog.schema] == list(
-        sink_bigquery.schemas.CHANGELOG_COLUMNS)
+    assert [f.name for f in changelog.schema] == [
+        *sink_bigquery.schemas.CHANGELOG_COLUMNS, sink_bigquery.schemas.SKETCH_COLUMN]
     dead = bq.get_table(f"{PROJECT}.layout.dead_letter")
     assert dead.time_partitioning.field == "ingest_time"
     latest = bq.get_table(f"{PROJECT}.layout.metric_latest")

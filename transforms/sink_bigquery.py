@@ -214,13 +214,33 @@ def ensure_dataset_and_tables(project: str, dataset: str, test_client: Any = Non
             if _status(exc2) != 409:
                 raise
     for table in (CHANGELOG_TABLE, DEAD_LETTER_TABLE):
-        wrapper.get_or_create_table(
-            project, dataset, table,
-            parse_table_schema_from_json(json.dumps(table_schema(table))),
+        schema = parse_table_schema_from_json(json.dumps(table_schema(table)))
+        found = wrapper.get_or_create_table(
+            project, dataset, table, schema,
             BigQueryDisposition.CREATE_IF_NEEDED, BigQueryDisposition.WRITE_APPEND,
             additional_create_parameters=create_parameters(table))
+        _add_missing_columns(client, project, dataset, table, found, schema)
     _ensure_view(client, project, dataset)
     _ENSURED.add(key)
+
+
+def _add_missing_columns(client: Any, project: str, dataset: str, table: str, found: Any,
+                         schema: Any) -> None:
+    """A table created before a NULLABLE column joined schemas/bigquery.json (the
+    changelog's `sketch`) gains it: BigQuery allows adding NULLABLE columns in place, and
+    the latest view selects it."""
+    from apache_beam.io.gcp.internal.clients import bigquery as bq_api
+
+    have = {f.name for f in (found.schema.fields if found and found.schema else [])}
+    missing = [f for f in schema.fields if f.name not in have and f.mode == "NULLABLE"]
+    if not have or not missing:
+        return
+    log.info("adding column(s) %s to %s.%s.%s", [f.name for f in missing], project,
+             dataset, table)
+    client.tables.Patch(bq_api.BigqueryTablesPatchRequest(
+        projectId=project, datasetId=dataset, tableId=table,
+        table=bq_api.Table(schema=bq_api.TableSchema(
+            fields=[*found.schema.fields, *missing]))))
 
 
 def _ensure_view(client: Any, project: str, dataset: str) -> None:
