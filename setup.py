@@ -5,10 +5,11 @@ setup(
     version="0.1.0",
     description="Exactly-once clickstream metrics on Apache Beam: early, on-time, late "
                 "and final panes with a retracting changelog.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*",
-                                    "schemas", "runners", "runners.*"]),
-    package_data={"schemas": ["*.avsc", "*.sql", "*.json"]},
+                                    "schemas", "runners", "runners.*", "serving"]),
+    package_data={"schemas": ["*.avsc", "*.sql", "*.json"],
+                  "serving": ["static/*", "static/vendor/*"]},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
         "fastavro>=1.9",
@@ -17,11 +18,15 @@ setup(
         "duckdb>=1.1",
         "orjson>=3.9",
         "pyarrow>=14",
+        "prometheus-client>=0.20",
         "confluent-kafka>=2.4",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         "test": ["apache-beam[test]>=2.77.0,<2.78", "pytest>=8", "pytest-timeout>=2",
-                 "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10"],
+                 "hypothesis>=6.100", "ruff>=0.6", "mypy>=1.10",
+                 "httpx>=0.27", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["clickstream=pipeline.cli:main"]},
 )

@@ -25,9 +25,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import cli, job
 from pipeline.options import ClickstreamOptions
+from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event
-from transforms.parse import METRICS_NAMESPACE
 
 # DeduplicatePerKey counts nothing: the baseline counts what enters and leaves it. The
 # graph's own dedup counts `unique` and `duplicates`; here duplicates are the difference.

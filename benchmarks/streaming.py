@@ -57,10 +57,10 @@ from benchmarks.run import (
     verdict,
 )
 from pipeline import generator
+from schemas import GRANULARITY_MS
 
 PROJECT = "clickstream-bench"
 TIMESTAMP_ATTRIBUTE = "event_time"
-SIZES_MS = {"hour": 3_600_000, "day": 86_400_000}
 DAY_EVENTS_SQL = ("SELECT coalesce(sum(value), 0) FROM metric_latest "
                   "WHERE metric = 'events' AND granularity = 'day'")
 WINDOW_EVENTS_SQL = ("SELECT granularity, window_start, sum(value) FROM metric_latest "
@@ -137,7 +137,7 @@ def expected_windows(unique_event_ms: Sequence[int]) -> dict[tuple[str, int], in
     """(granularity, window start in epoch ms) → unique events in that window."""
     want: dict[tuple[str, int], int] = {}
     for ms in unique_event_ms:
-        for granularity, size in SIZES_MS.items():
+        for granularity, size in GRANULARITY_MS.items():
             key = (granularity, ms // size * size)
             want[key] = want.get(key, 0) + 1
     return want

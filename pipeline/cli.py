@@ -1,5 +1,6 @@
 """`clickstream`: run the job, generate data, replay or publish a stream, put live load on
-Kafka, finalize a day, print a report, query a metric's series."""
+Kafka, finalize a day, print a report, query a metric's series, forget an identity, apply
+retention."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from collections.abc import Sequence
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pipeline.generator import GeneratorConfig, write_dataset
+    from pipeline.generator import GeneratorConfig, write_dataset, write_days
 
-    counts = write_dataset(args.out, GeneratorConfig(
-        events=args.events, seed=args.seed, date=args.date, shards=args.shards,
-        too_late_rate=args.too_late_rate))
+    config = GeneratorConfig(events=args.events, seed=args.seed, date=args.date,
+                             shards=args.shards, too_late_rate=args.too_late_rate)
+    counts = write_days(args.out, config, args.days) if args.days > 1 else \
+        write_dataset(args.out, config)
     print(f"wrote {counts['read']:,} lines to {args.out} "
           f"({counts['unique']:,} unique, {counts['duplicates']:,} duplicates, "
           f"{counts['dead_letter']:,} malformed); oracle in {args.out}/expected.json")
@@ -54,6 +56,20 @@ def _finalize(argv: Sequence[str]) -> int:
     return 0
 
 
+def _forget(argv: Sequence[str]) -> int:
+    from pipeline.forget import run_forget
+
+    print(run_forget(argv).render())
+    return 0
+
+
+def _retention(argv: Sequence[str]) -> int:
+    from pipeline.retention import run_retention
+
+    print(run_retention(argv).render())
+    return 0
+
+
 def _options(argv: Sequence[str]):
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -87,6 +103,26 @@ def _reads_kafka(argv: Sequence[str]) -> bool:
     return any(arg == "--kafka_topic" or arg.startswith("--kafka_topic=") for arg in argv)
 
 
+def _serve(argv: Sequence[str]) -> int:
+    from pipeline.query import QueryError
+    from serving.command import add_arguments, serve
+
+    parser = argparse.ArgumentParser(
+        prog="clickstream serve", epilog="Connection flags as for `clickstream query`: "
+        "--duckdb_path, --bigtable_project/--bigtable_instance/--bigtable_table, "
+        "--bigquery_project/--bigquery_dataset (plus --bigquery_endpoint).")
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    options = _options(rest)
+    try:
+        serve(args, {name: getattr(options, name) for name in (
+            "duckdb_path", "bigtable_project", "bigtable_instance", "bigtable_table")})
+    except QueryError as exc:
+        print(f"clickstream serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def configure_logging() -> None:
     """INFO lines with a timestamp (the job's progress lines), Beam's own at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -117,7 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  finalize --date YYYY-MM-DD --archive_path BASE --duckdb_path FILE "
               "[--distinct exact]  recompute a day from the raw archive, correct the "
               "sinks, mark it final\n"
-              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] "
+              "  forget   --user_id U [--device_id D] | --ids_file F  --archive_path BASE "
+              "--duckdb_path FILE [store flags] [--pseudonymize_key_file K]  remove an "
+              "identity's events from the archive, dead letters and (re-finalized) "
+              "aggregates; logged in deletion_audit\n"
+              "  retention --retention_days N [--aggregate_retention_days M] "
+              "--archive_path BASE --duckdb_path FILE [store flags]  delete expired raw "
+              "partitions, dead letters and aggregates\n"
+              "  generate --out DIR --events N --seed S [--date YYYY-MM-DD] [--days N] "
               "[--too_late_rate R]\n"
               "  merge    --out DIR SOURCE_DIR...  one arrival-ordered dataset from several "
               "generated ones (e.g. day D and a day a week later)\n"
@@ -125,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "  query    --metric M --granularity hour|day [--dims JSON] [--start ISO] "
               "[--end ISO] --from duckdb|bigtable|bigquery [--format table|json] "
               "[connection flags]\n"
+              "  serve    [--from duckdb|bigtable|bigquery] [--port N] [--distinct hll|exact] "
+              "[--archive_path BASE] [--metrics_url URL] [connection flags]  the HTTP API "
+              "and dashboard on 127.0.0.1\n"
               "Run `clickstream run --help` for every pipeline option.")
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("run", "replay", "finalize"):
+    if command in ("run", "replay", "finalize", "forget"):
         # FlinkRunner: use the cached job server jar, or refuse with what to fetch, before
         # Beam tries to download it; importing runners.flink also declares the Flink
         # checkpointing options so they reach the job server.
@@ -151,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--date", default="2026-11-01")
         parser.add_argument("--shards", type=int, default=4)
+        parser.add_argument("--days", type=int, default=1,
+                            help="consecutive days from --date, --events each, one user "
+                            "population (for WAU/MAU), merged in arrival order")
         parser.add_argument("--too_late_rate", type=float,
                             default=GeneratorConfig.too_late_rate,
                             help="Share of sessions that arrive past the allowed lateness "
@@ -172,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _replay(rest)
     if command == "query":
         return _query(rest)
+    if command == "serve":
+        return _serve(rest)
     if command == "publish":
         from pipeline.publish import main as publish_main
 
@@ -182,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load_main(rest)
     if command == "finalize":
         return _finalize(rest)
+    if command == "forget":
+        return _forget(rest)
+    if command == "retention":
+        return _retention(rest)
     if command == "report":
         from pipeline.report import print_report
 

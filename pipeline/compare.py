@@ -31,11 +31,14 @@ def differences(actual: dict[MetricKey, int], expected: dict[MetricKey, int],
     return problems
 
 
+# Joined from both sides: a key with changelog rows but no latest row (or the reverse)
+# is a mismatch too, not a row the check never looks at.
 _CHANGELOG_MISMATCHES = """
-    SELECT l.metric, l.dims, l.granularity, l.window_start, c.total, l.value
+    SELECT metric, dims, granularity, window_start, c.total, l.value
     FROM metric_latest l
-    LEFT JOIN (SELECT metric, dims, granularity, window_start, sum(sign * value) AS total
-               FROM metric_changelog GROUP BY ALL) c
+    FULL OUTER JOIN (SELECT metric, dims, granularity, window_start,
+                            sum(sign * value) AS total
+                     FROM metric_changelog GROUP BY ALL) c
       USING (metric, dims, granularity, window_start)
     WHERE c.total IS DISTINCT FROM l.value"""
 

@@ -81,7 +81,8 @@ def _in_day(start: datetime, end: datetime) -> Callable[[MetricPane], bool]:
     return keep
 
 
-def build_finalize(p: beam.Pipeline, options: ClickstreamOptions, day: str,
+def build_finalize(p: beam.Pipeline | beam.pvalue.PBegin, options: ClickstreamOptions,
+                   day: str,
                    clock: Callable[[], datetime] = utc_now, notify_topic: str = "",
                    bigquery_test_client: Any = None) -> None:
     """Recompute day D once, then correct every sink against what that sink holds:

@@ -18,13 +18,15 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 
 from pipeline import oracle
+from schemas import GRANULARITY_MS
 from transforms.metrics import DEFAULT_FUNNEL
 
-DAY_MS = 86_400_000
+DAY_MS = GRANULARITY_MS["day"]
+HOUR_MS = GRANULARITY_MS["hour"]
 FEATURES = ("search", "share", "wishlist", "dark_mode", "voice", "compare")
 PLATFORMS = ("ios", "android", "web")
 PAGES = ("/", "/home", "/search", "/product", "/cart", "/account", "/deals", "/help")
@@ -44,6 +46,20 @@ class GeneratorConfig:
     late_days_rate: float = 0.01
     too_late_rate: float = 0.002  # arrives after the 3-day allowed lateness
     allowed_lateness_s: int = 3 * 86400
+    # Of the duplicates, the share a client re-stamps (a retry that stamps its own time,
+    # up to RESTAMP_MAX_MS later): same event_id, other bytes and event time, maybe
+    # another hour or day. The first copy, by arrival, is the event (oracle.first_copies).
+    restamp_rate: float = 0.0
+    # Seed of the user population alone: days generated with the same population_seed
+    # (and different seeds) share their users, Zipf ranks included, as a product's
+    # days do. None: the population comes from `seed`.
+    population_seed: int | None = None
+    # Users in the population; None: events / 25. A population larger than a day's
+    # reach gives the DAU/MAU ratio of a real product (heavy users daily, a long tail).
+    users: int | None = None
+
+
+RESTAMP_MAX_MS = 10 * 60_000
 
 
 # (reason code the pipeline must give, builder of the bad payload)
@@ -88,14 +104,16 @@ class ClickstreamGenerator:
         self.rng = random.Random(config.seed)
         day = datetime.fromisoformat(config.date).replace(tzinfo=UTC)
         self.day_start_ms = int(day.timestamp() * 1000)
-        n_users = max(10, config.events // 25)
-        self.users = [f"u{self.rng.getrandbits(40):010x}" for _ in range(n_users)]
+        n_users = config.users or max(10, config.events // 25)
+        population = self.rng if config.population_seed is None else random.Random(
+            config.population_seed)
+        self.users = [f"u{population.getrandbits(40):010x}" for _ in range(n_users)]
         # Zipf(1.1): a few heavy users, a long tail.
         weights = [1.0 / (rank + 1) ** 1.1 for rank in range(n_users)]
         total = sum(weights)
         self.cum_weights = list(_accumulate(w / total for w in weights))
-        self.devices = {u: [f"d{self.rng.getrandbits(48):012x}"
-                            for _ in range(self.rng.choice((1, 1, 2)))] for u in self.users}
+        self.devices = {u: [f"d{population.getrandbits(48):012x}"
+                            for _ in range(population.choice((1, 1, 2)))] for u in self.users}
 
     def _event_id(self) -> str:
         return f"{self.rng.getrandbits(128):032x}"
@@ -154,6 +172,14 @@ class ClickstreamGenerator:
                 step += 1
             yield session
 
+    def _restamped(self, record: dict, event_time: int) -> bytes:
+        """The record as a retrying client resends it: stamped up to RESTAMP_MAX_MS
+        later. Never earlier: a bounded run keeps the earliest-stamped copy (it has no
+        arrival order), which is then also the first to arrive."""
+        later = event_time + self.rng.randint(1, RESTAMP_MAX_MS)
+        return json.dumps(dict(record, event_time=self._format_time(later)),
+                          separators=(",", ":")).encode()
+
     def _arrival_delay_ms(self) -> int:
         c, r = self.config, self.rng.random()
         if r < c.too_late_rate:
@@ -163,7 +189,7 @@ class ClickstreamGenerator:
         if r < c.too_late_rate + c.late_days_rate:
             return self.rng.randint(DAY_MS, 2 * DAY_MS)
         if r < c.too_late_rate + c.late_days_rate + c.late_hours_rate:
-            return self.rng.randint(3_600_000, 12 * 3_600_000)
+            return self.rng.randint(HOUR_MS, 12 * HOUR_MS)
         return self.rng.randint(200, 20_000)
 
     def generate(self) -> tuple[list[_Line], list[oracle.TruthEvent], Counter]:
@@ -202,8 +228,12 @@ class ClickstreamGenerator:
                     fields.get("feature"), arrival))
                 if rng.random() < c.duplicate_rate:
                     for _ in range(rng.choice((1, 1, 2))):
-                        redelivery = rng.choice((0, rng.randint(1, 3_600_000)))
-                        lines.append(_Line(arrival + redelivery, payload))
+                        redelivery = rng.choice((0, rng.randint(1, HOUR_MS)))
+                        copy = payload
+                        if c.restamp_rate and rng.random() < c.restamp_rate:
+                            redelivery += 1  # a retry comes after the original
+                            copy = self._restamped(record, event_time)
+                        lines.append(_Line(arrival + redelivery, copy))
         lines.sort(key=lambda line: line.arrival_ms)
         return lines, truth, reasons
 
@@ -252,6 +282,25 @@ def write_dataset(out_dir: str, config: GeneratorConfig) -> dict:
     """Writes the shards, truth, arrivals and expected metrics; returns the summary."""
     lines, truth, reasons = ClickstreamGenerator(config).generate()
     return _write(out_dir, lines, truth, reasons, config.shards, config.__dict__)
+
+
+def day_configs(config: GeneratorConfig, days: int) -> list[GeneratorConfig]:
+    """`days` consecutive days from `config.date`: each its own traffic (seed + i), all
+    one user population (`population_seed`, default `config.seed`)."""
+    first = datetime.fromisoformat(config.date).date()
+    population = config.seed if config.population_seed is None else config.population_seed
+    return [replace(config, date=(first + timedelta(days=i)).isoformat(),
+                    seed=config.seed + i, population_seed=population)
+            for i in range(days)]
+
+
+def write_days(out_dir: str, config: GeneratorConfig, days: int) -> dict:
+    """A multi-day dataset: the days of `day_configs`, merged in arrival order."""
+    sources = []
+    for day in day_configs(config, days):
+        sources.append(os.path.join(out_dir, "days", day.date))
+        write_dataset(sources[-1], day)
+    return merge_datasets(out_dir, sources, config.shards)
 
 
 def merge_datasets(out_dir: str, sources: Sequence[str], shards: int = 4) -> dict:

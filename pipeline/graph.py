@@ -12,7 +12,8 @@ from transforms.freshness import MeasureWatermarkLag
 from transforms.lateness import CountTooLate
 from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
-from transforms.retract import RetractingChangelog
+from transforms.pseudonymize import PrivacyPolicy
+from transforms.retract import HeldRows, RetractingChangelog
 
 
 class ClickstreamMetrics(beam.PTransform):
@@ -29,33 +30,48 @@ class ClickstreamMetrics(beam.PTransform):
     late for their windows still land there; `too_late.hour` and `too_late.day` count
     the events the windowing drops. `panes` (e.g. a test's collector) gets the
     windowed MetricPanes with the runner's pane info, before the changelog stage
-    re-derives their timing. `dead_letter_window_s`: identical dead payloads are
-    numbered per window of this many seconds, and written when the watermark passes it.
+    re-derives their timing. `held`: what the sinks held at launch (a streaming job
+    relaunched without its state continues those windows above their revisions; see
+    transforms/retract.py and pipeline/job.py held_at_launch).
+    `privacy` (pseudonyms, properties allow-list) applies at parse, before all else.
     """
 
     def __init__(self, config: MetricsConfig, dedup_buckets: int = DEFAULT_BUCKETS,
                  clock: Callable[[], float] = time.time,
                  dedup: beam.PTransform | None = None,
                  archive: beam.PTransform | None = None,
-                 dead_letter_window_s: int = 60,
-                 panes: beam.PTransform | None = None) -> None:
+                 panes: beam.PTransform | None = None,
+                 held: HeldRows | None = None,
+                 privacy: PrivacyPolicy | None = None,
+                 hot_keys: beam.PTransform | None = None,
+                 bot_policy: beam.PTransform | None = None) -> None:
         super().__init__()
-        self._dead_letter_window_s = dead_letter_window_s
+        self._held = held
+        self._privacy = privacy
         self._config = config
         self._dedup_buckets = dedup_buckets
         self._clock = clock
         self._dedup = dedup
         self._archive = archive
         self._panes = panes
+        self._hot_keys = hot_keys
+        self._bot_policy = bot_policy
 
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
-            self._clock, self._dead_letter_window_s)
+            self._clock, self._privacy)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
+        if self._hot_keys is not None:
+            unique | "HotKeys" >> self._hot_keys
+        if self._bot_policy is not None:
+            # Before the archive too: finalize recomputes from the archive, and must
+            # agree with the stream on what was set apart.
+            unique, suspected = unique | "BotPolicy" >> self._bot_policy
+            dead_letters = (dead_letters, suspected) | "AllDeadLetters" >> beam.Flatten()
         if self._archive is not None:
             unique | "RawArchive" >> self._archive
         if not config.bounded:
@@ -65,8 +81,8 @@ class ClickstreamMetrics(beam.PTransform):
         panes = unique | "Metrics" >> ComputeMetrics(config, ("hour", "day"))
         if self._panes is not None:
             panes | "Panes" >> self._panes
-        changelog = panes | "Retract" >> RetractingChangelog(config.allowed_lateness_s,
-                                                             bounded=config.bounded)
+        changelog = panes | "Retract" >> RetractingChangelog(
+            config.allowed_lateness_s, bounded=config.bounded, held=self._held)
         return changelog, dead_letters
 
 

@@ -11,28 +11,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricResults, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.portability import portable_runner
+from google.api_core import exceptions as google_exceptions
 
+from pipeline.exporter import exporter_for
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.kafka import consumer_lag, expansion_service
 from pipeline.options import ClickstreamOptions, KafkaOptions
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricsConfig
-from transforms.parse import METRICS_NAMESPACE
 from transforms.progress import LogProgress
+from transforms.retract import HeldRows, held_by_window
 from transforms.sources import ReadEventFiles, ReadEventMessages, ReadEventRecords
 
 log = logging.getLogger("clickstream")
-# Dead letters are written when the watermark passes their window. On a stream that
-# pauses, the DirectRunner's Pub/Sub watermark moves only when a pull returns (~30 s
-# when empty), so a 60 s window kept the last dead letters back a minute or two; 5 s
-# matches the source's re-bundling window (transforms/sources.py) and flushes them with
-# the last batch.
-STREAMING_DEAD_LETTER_WINDOW_S = 5
 # Checkpoint period of a Kafka run that gives none: how often offsets are committed,
 # hence how much a restart re-reads (the event_id dedup drops the re-reads).
 KAFKA_CHECKPOINT_INTERVAL_MS = 10_000
@@ -150,6 +148,23 @@ def _metrics(result: beam.runners.runner.PipelineResult) -> MetricResults:
     return result.metrics()
 
 
+def _live_metrics(result: beam.runners.runner.PipelineResult, options: PipelineOptions
+                  ) -> Callable[[], MetricResults]:
+    """How to read a running job's metrics: on a Flink cluster (--flink_master HOST:PORT)
+    from its REST accumulators, since Flink's job service answers only for finished jobs;
+    elsewhere from the result."""
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    master = options.view_as(FlinkRunnerOptions).flink_master
+    if "Flink" in str(options.view_as(StandardOptions).runner) and master \
+            and not master.startswith("["):
+        from runners.flink_session import running_beam_metrics
+
+        url = master if master.startswith("http") else f"http://{master}"
+        return lambda: running_beam_metrics(url)
+    return lambda: _metrics(result)
+
+
 def _query(result: beam.runners.runner.PipelineResult) -> dict[str, list]:
     return _metrics(result).query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
 
@@ -213,12 +228,47 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
     endpoint option; see transforms/sink_bigquery.py). ``dedup``: benchmarks only, makes
     the dedup stage from the run's metrics config (benchmarks/baseline.py)."""
     payloads, bounded = read_payloads(p, options)
+    # Files read by a streaming job (Flink streaming, with checkpoints) are unbounded for
+    # the graph: its bounded shortcuts (group once in the global window, re-stamp to
+    # event times after) are right only where the runner groups everything at the end;
+    # a streaming runner drops what they re-stamp behind its final watermark.
+    bounded = bounded and not options.view_as(StandardOptions).streaming
     config = metrics_config(p, options, bounded)
+    held = None if bounded else held_at_launch(
+        options, config.allowed_lateness_s, datetime.now(UTC), bigquery_test_client)
     changelog, dead_letters = payloads | "Clickstream" >> ClickstreamMetrics(
         config, options.dedup_buckets, dedup=dedup(config) if dedup else None,
-        archive=options.raw_archive(bounded=bounded),
-        dead_letter_window_s=60 if bounded else STREAMING_DEAD_LETTER_WINDOW_S)
+        archive=options.raw_archive(bounded=bounded), held=held,
+        privacy=options.privacy_policy(),
+        # Hot keys are a streaming concern (a partition, a lagging stage);
+        # a bounded bundle spans many windows, where the sketch costs most.
+        hot_keys=None if bounded else options.hot_key_detector(),
+        bot_policy=options.bot_policy())
     write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
+
+
+def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: datetime,
+                   bigquery_test_client: Any = None) -> HeldRows:
+    """What the stores hold for the windows a streaming job can still revise (starting
+    from a day before now - allowed lateness), read once at launch.
+
+    A job launched with its state (a Flink savepoint, a Dataflow update) continues its
+    windows from that state and never looks here. One launched without it (drained
+    and relaunched, a savepoint forgotten) would restart their revisions at 1, below
+    what the stores hold, where the keyed writes drop them: with this it continues
+    above, retracts what the stores hold, and says so (transforms/retract.py)."""
+    start = now - timedelta(seconds=allowed_lateness_s, days=2)
+    end = now + timedelta(days=1)
+    rows = []
+    for label, store in options.stores(bigquery_test_client).items():
+        try:
+            rows.extend(store.read_held(start, end))
+        except google_exceptions.NotFound:
+            log.info("%s holds nothing yet (its table or dataset does not exist)", label)
+    if rows:
+        log.info("the stores hold %d rows of windows this job may revise; a window "
+                 "without state will continue above their revisions", len(rows))
+    return held_by_window(rows)
 
 
 def is_streaming(options: ClickstreamOptions) -> bool:
@@ -346,6 +396,7 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
     stop = threading.Event()
     with explain_sink_failures(clickstream):
         result = p.run()
+        exporter = exporter_for(_live_metrics(result, options), options)
         reporter = threading.Thread(target=_report_progress,
                                     args=(result, started, stop, progress_every_s),
                                     daemon=True)
@@ -354,6 +405,8 @@ def run(argv: Sequence[str], progress_every_s: float = 10.0) -> RunSummary:
             state = result.wait_until_finish()
         finally:
             stop.set()
+            if exporter is not None:
+                exporter.stop()
     return summarize(result, time.monotonic() - started, str(state), clickstream)
 
 
@@ -400,6 +453,9 @@ def run_streaming(options: PipelineOptions, progress_every_s: float = 10.0,
         p = beam.Pipeline(options=options)
         graph(p, clickstream)
         result = p.run()
+        exporter = exporter_for(_live_metrics(result, options), options)
+        if exporter is not None:
+            resources.callback(exporter.stop)
         source = (f"Kafka topic {kafka.kafka_topic} at {kafka.kafka_bootstrap}"
                   if kafka.kafka_topic else clickstream.input_subscription)
         log.info("streaming from %s; stop with Ctrl-C or SIGTERM%s%s", source,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -13,7 +14,14 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from transforms.archive import DEFAULT_FILE_BUCKETS, WriteRawArchive, run_id_for
 from transforms.dedup import DEFAULT_BUCKETS
 from transforms.distinct import DEFAULT_LG_K
+from transforms.hot_keys import BotPolicy, DetectHotKeys, HotKeyConfig
 from transforms.metrics import DEFAULT_FUNNEL, MetricsConfig
+from transforms.pseudonymize import (
+    KEY_ENV_DEFAULT,
+    SESSION_ID_POLICIES,
+    KeySource,
+    PrivacyPolicy,
+)
 from transforms.sink_bigquery import WriteChangelogToBigQuery, read_latest_rows_from_bigquery
 from transforms.sink_bigtable import (
     WriteChangelogToBigtable,
@@ -77,9 +85,32 @@ class ClickstreamOptions(PipelineOptions):
                                 "late pane (0: a pane per late bundle).")
         group.add_argument("--funnel_steps", default=",".join(DEFAULT_FUNNEL),
                            help="Comma-separated event types of the funnel, in order.")
+        group.add_argument("--events_dimensions", default="",
+                           help="Comma-separated fields of schemas/event.avsc (e.g. "
+                                "platform,country,app_version) that split the `events` "
+                                "metric besides event_type; an event without one counts "
+                                "under \"\" (empty: event_type only).")
         group.add_argument("--dedup_buckets", type=int, default=DEFAULT_BUCKETS,
                            help="Hash buckets of event_id for dedup state; raise it so "
                                 "each bucket-day holds at most ~100k ids.")
+        group.add_argument("--hot_key_window_s", type=int, default=60,
+                           help="Event-time window of the streaming job's hot-key sketch "
+                                "(seconds; 0: no hot-key detection; bounded runs have "
+                                "none).")
+        group.add_argument("--hot_key_min_share", type=float, default=0.05,
+                           help="Report keys (devices) with at least this share of a "
+                                "window's unique events.")
+        group.add_argument("--hot_key_min_events", type=int, default=1000,
+                           help="Report hot keys only for windows with at least this "
+                                "many unique events.")
+        group.add_argument("--bot_max_events", type=int, default=0,
+                           help="Bot policy: a device with more unique events than this "
+                                "in one --bot_window_s window is suspected automation; "
+                                "its events of that window go to the dead letter "
+                                "(reason suspected_automation) instead of the metrics "
+                                "(0: no policy).")
+        group.add_argument("--bot_window_s", type=int, default=60,
+                           help="Event-time window of the bot policy (seconds).")
         # Empty strings, not None, for "unset": the flex template's metadata marks an
         # option without a default as required (tests/test_flex_template.py).
         group.add_argument("--archive_path", default="",
@@ -138,6 +169,22 @@ class ClickstreamOptions(PipelineOptions):
             run_id = run_id_for(self.input_files)
         return WriteRawArchive(self.archive_path, run_id=run_id,
                                buckets=self.archive_buckets, bounded=bounded)
+
+    def hot_key_detector(self) -> DetectHotKeys | None:
+        """The hot-key sketch stage, or None with --hot_key_window_s 0."""
+        if self.hot_key_window_s <= 0:
+            return None
+        return DetectHotKeys(HotKeyConfig(window_s=self.hot_key_window_s,
+                                          min_share=self.hot_key_min_share,
+                                          min_events=self.hot_key_min_events))
+
+    def bot_policy(self, clock: Callable[[], float] = time.time) -> BotPolicy | None:
+        """The bot policy stage, or None with --bot_max_events 0. Its lateness covers the
+        day windows' (a device-window ends before the day that holds it)."""
+        if self.bot_max_events <= 0:
+            return None
+        return BotPolicy(self.bot_max_events, self.bot_window_s,
+                         self.allowed_lateness_s + DAY_S, clock)
 
     def bigtable_target(self) -> tuple[str, str, str] | None:
         """(project, instance, table) of the Bigtable sink, or None when all three
@@ -207,7 +254,57 @@ class ClickstreamOptions(PipelineOptions):
             distinct=self.distinct,
             hll_lg_k=self.hll_lg_k,
             funnel_steps=tuple(s.strip() for s in self.funnel_steps.split(",") if s.strip()),
+            events_dimensions=_names(self.events_dimensions),
         )
+
+    def privacy_policy(self) -> PrivacyPolicy:
+        return self.view_as(PrivacyOptions).policy()
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+class PrivacyOptions(PipelineOptions):
+    """What parse does to ids and properties before any stage stores them
+    (transforms/pseudonymize.py; docs/privacy.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        group = parser.add_argument_group("privacy")
+        group.add_argument("--pseudonymize_key_file", default="",
+                           help="File holding the key (>= 32 bytes) that replaces user_id "
+                                "and device_id by keyed HMAC-SHA-256 pseudonyms at parse "
+                                "time, before dedup, the archive and every sink. Read by "
+                                "each worker, never put in the job graph.")
+        group.add_argument("--pseudonymize_key_env", default="",
+                           help="Environment variable holding the key instead (e.g. "
+                                f"{KEY_ENV_DEFAULT}).")
+        group.add_argument("--pseudonymize_key_secret", default="",
+                           help="Secret Manager secret version holding the key instead, "
+                                "projects/P/secrets/S/versions/V (on Dataflow: the worker "
+                                "service account needs secretmanager.versions.access).")
+        group.add_argument("--session_ids", choices=SESSION_ID_POLICIES,
+                           default="pseudonymize",
+                           help="session_id: pseudonymized with the key (kept as sent "
+                                "without one), kept, or dropped.")
+        group.add_argument("--properties_allowlist", default="*",
+                           help="Comma-separated property keys kept; every other property "
+                                "is dropped before the archive and counted in "
+                                "properties_dropped ('*': keep all; '': drop all).")
+
+    def policy(self) -> PrivacyPolicy:
+        sources = [KeySource(file=self.pseudonymize_key_file),
+                   KeySource(env=self.pseudonymize_key_env),
+                   KeySource(secret=self.pseudonymize_key_secret)]
+        given = [source for source in sources if source != KeySource()]
+        if len(given) > 1:
+            raise SystemExit("give one of --pseudonymize_key_file, --pseudonymize_key_env "
+                             "and --pseudonymize_key_secret")
+        allowlist = (None if self.properties_allowlist.strip() == "*"
+                     else frozenset(_names(self.properties_allowlist)))
+        return PrivacyPolicy(key=given[0] if given else None, session_ids=self.session_ids,
+                             properties_allowlist=allowlist)
 
 
 class KafkaOptions(PipelineOptions):

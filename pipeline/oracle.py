@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
+from schemas import GRANULARITY_MS
+
+HOUR_MS = GRANULARITY_MS["hour"]
+DAY_MS = GRANULARITY_MS["day"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class TruthEvent:
 
 
 def _dims(**dims: str) -> str:
-    return json.dumps(dims, sort_keys=True, separators=(",", ":"))
+    return json.dumps(dims, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _iso(ms: int) -> str:
@@ -44,6 +46,15 @@ def _iso(ms: int) -> str:
 
 
 MetricKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO)
+
+
+def first_copies(copies_in_arrival_order: Iterable[TruthEvent]) -> list[TruthEvent]:
+    """The dedup rule: of every copy of an event_id, the first to arrive is the event,
+    whatever the others' bytes or event time; the rest are duplicates."""
+    first: dict[str, TruthEvent] = {}
+    for copy in copies_in_arrival_order:
+        first.setdefault(copy.event_id, copy)
+    return list(first.values())
 
 
 def expected_metrics(

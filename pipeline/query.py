@@ -169,6 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", default=None, help="last window_start (exclusive)")
     parser.add_argument("--from", dest="store", required=True, choices=STORES)
     parser.add_argument("--format", dest="fmt", default="table", choices=FORMATS)
+    add_bigquery_arguments(parser)
+
+
+def add_bigquery_arguments(parser: argparse.ArgumentParser) -> None:
+    """The BigQuery connection flags of the readers (`query`, `serve`): the job's own
+    BigQuery options do not reach a local server."""
     parser.add_argument("--bigquery_project", default="")
     parser.add_argument("--bigquery_dataset", default="")
     parser.add_argument("--bigquery_endpoint", default="",

@@ -116,7 +116,8 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
                                            processing_time="flink" not in str(runner).lower())
         | "Clickstream" >> ClickstreamMetrics(
             config, clickstream.dedup_buckets,
-            archive=clickstream.raw_archive(bounded=False)))
+            archive=clickstream.raw_archive(bounded=False),
+            privacy=clickstream.privacy_policy()))
     write_to_sinks((changelog, dead_letters), clickstream.sinks())
     with explain_sink_failures(clickstream):
         result = p.run()

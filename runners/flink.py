@@ -87,6 +87,20 @@ class FlinkCheckpointOptions(PipelineOptions):
             help="Do not delete externalized checkpoints on cancel.",
         )
         parser.add_argument(
+            "--max_bundle_size",
+            type=int,
+            default=None,
+            help="Elements per bundle the runner hands the Python SDK harness (Beam Java "
+                 "default: 1000).",
+        )
+        parser.add_argument(
+            # Java's option is maxBundleTimeMills (sic): Beam maps this name onto it.
+            "--max_bundle_time_mills",
+            type=int,
+            default=None,
+            help="Milliseconds after which a bundle is closed (Java default: 1000).",
+        )
+        parser.add_argument(
             "--number_of_execution_retries",
             type=int,
             default=None,

@@ -359,8 +359,7 @@ class FlinkSession:
 
     # ---------------------------------------------------------------- REST
     def rest(self, path: str, timeout_s: float = 5.0) -> Any:
-        with urllib.request.urlopen(self.rest_url + path, timeout=timeout_s) as resp:
-            return json.load(resp)
+        return rest_get(self.rest_url, path, timeout_s)
 
     def taskmanager_count(self) -> int:
         try:
@@ -372,30 +371,23 @@ class FlinkSession:
         """REST /jobs/overview: every job's id (``jid``), ``name`` and ``state``."""
         return list(self.rest("/jobs/overview")["jobs"])
 
-    def checkpoints(self, job_id: str) -> dict[str, Any]:
+    def job_checkpoints(self, job_id: str) -> dict[str, Any]:
         """REST /jobs/:id/checkpoints: ``counts`` (completed, failed, restored, ...),
         ``latest`` (completed, restored: the checkpoint a restart resumed from)."""
         return dict(self.rest(f"/jobs/{job_id}/checkpoints"))
 
+    def cancel_job(self, job_id: str) -> None:
+        """Cancel a job through REST (PATCH /jobs/:id?mode=cancel). Cancelling Beam's
+        job (``result.cancel()``) stops the job server's side, not a job it submitted to
+        a session cluster."""
+        request = urllib.request.Request(f"{self.rest_url}/jobs/{job_id}?mode=cancel",
+                                         method="PATCH")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
+
     def beam_metrics(self, job_id: str) -> Any:
-        """The Beam metrics of a job as it runs (a MetricResults, attempted values), from
-        the accumulator Beam's Flink runner keeps them in; None before the first report.
-
-        Beam's job service answers GetJobMetrics only for a finished job, so this is how
-        a streaming job's counters are read while it runs. The values are those of the
-        current execution attempt: a job restarted from a checkpoint counts from zero."""
-        from apache_beam.portability.api import beam_job_api_pb2
-        from apache_beam.runners.portability.portable_runner import PortableMetrics
-        from google.protobuf import json_format
-
-        accumulators = self.rest(f"/jobs/{job_id}/accumulators")
-        for item in accumulators.get("user-task-accumulators", []):
-            if item.get("name") == BEAM_METRICS_ACCUMULATOR:
-                response = json_format.Parse(item["value"],
-                                             beam_job_api_pb2.GetJobMetricsResponse(),
-                                             ignore_unknown_fields=True)
-                return PortableMetrics(response)
-        return None
+        """The Beam metrics of a job as it runs (see ``beam_metrics_at``)."""
+        return beam_metrics_at(self.rest_url, job_id)
 
     def wait_for_taskmanagers(self, count: int, timeout_s: float,
                               watch: Iterable[str] = ()) -> dict[str, Any]:
@@ -511,6 +503,45 @@ class FlinkSession:
         }
         options.update(overrides)
         return flink.preset_args(**options)
+
+
+def rest_get(rest_url: str, path: str, timeout_s: float = 5.0) -> Any:
+    with urllib.request.urlopen(rest_url + path, timeout=timeout_s) as resp:
+        return json.load(resp)
+
+
+def beam_metrics_at(rest_url: str, job_id: str) -> Any:
+    """The Beam metrics of a job on the Flink cluster at ``rest_url`` as it runs (a
+    MetricResults, attempted values), from the accumulator Beam's Flink runner keeps them
+    in; None before the first report.
+
+    Beam's job service answers GetJobMetrics only for a finished job, so this is how
+    a streaming job's counters are read while it runs. The values are those of the
+    current execution attempt: a job restarted from a checkpoint counts from zero."""
+    from apache_beam.portability.api import beam_job_api_pb2
+    from apache_beam.runners.portability.portable_runner import PortableMetrics
+    from google.protobuf import json_format
+
+    accumulators = rest_get(rest_url, f"/jobs/{job_id}/accumulators")
+    for item in accumulators.get("user-task-accumulators", []):
+        if item.get("name") == BEAM_METRICS_ACCUMULATOR:
+            response = json_format.Parse(item["value"],
+                                         beam_job_api_pb2.GetJobMetricsResponse(),
+                                         ignore_unknown_fields=True)
+            return PortableMetrics(response)
+    return None
+
+
+def running_beam_metrics(rest_url: str) -> Any:
+    """The Beam metrics of the one RUNNING job on the cluster at ``rest_url``."""
+    running = [j["jid"] for j in rest_get(rest_url, "/jobs/overview")["jobs"]
+               if j["state"] == "RUNNING"]
+    if len(running) != 1:
+        raise RuntimeError(f"{len(running)} running jobs on {rest_url}; expected one")
+    metrics = beam_metrics_at(rest_url, running[0])
+    if metrics is None:
+        raise RuntimeError("the running job has reported no Beam metrics yet")
+    return metrics
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

@@ -10,9 +10,15 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from importlib import resources
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 GRANULARITIES = ("hour", "day")
+# The output contract's fixed UTC windows, per granularity.
+GRANULARITY_SECONDS = {"hour": 3600, "day": 86400}
+GRANULARITY_MS = {g: s * 1000 for g, s in GRANULARITY_SECONDS.items()}
+# The Beam metrics namespace of every counter the job reports (read by the CLI, the
+# job's summary and the benchmarks).
+METRICS_NAMESPACE = "clickstream"
 TIMINGS = ("EARLY", "ON_TIME", "LATE", "BATCH")
 # BATCH: a revision written by the daily finalize job (recomputed from the raw archive),
 # not by a streaming pane.
@@ -26,6 +32,9 @@ LATEST_COLUMNS = (
     "metric", "dims", "granularity", "window_start", "window_end", "value", "revision",
     "timing", "is_final", "emitted_at",
 )
+# Optional on a changelog row: the serialized HLL sketch of a distinct count's window
+# (--distinct hll), stored beside the value so ranges can be counted by a union.
+SKETCH_COLUMN = "sketch"
 DEAD_LETTER_COLUMNS = ("dead_letter_id", "payload", "reason", "detail", "ingest_time")
 
 
@@ -44,6 +53,7 @@ class ChangelogRow(TypedDict):
     timing: str
     is_final: bool
     emitted_at: datetime
+    sketch: NotRequired[bytes | None]
 
 
 class DeadLetterRow(TypedDict):

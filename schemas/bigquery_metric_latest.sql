@@ -6,7 +6,7 @@
 -- picking one row per key keeps the view exact even then. window_start is in the
 -- PARTITION BY, so a filter on it prunes metric_changelog's day partitions.
 SELECT metric, dims, granularity, window_start, window_end, value, revision, pane_index,
-       timing, is_final, emitted_at
+       timing, is_final, emitted_at, sketch
 FROM (
   SELECT *,
          ROW_NUMBER() OVER (PARTITION BY metric, dims, granularity, window_start

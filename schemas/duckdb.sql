@@ -13,6 +13,7 @@ CREATE TABLE IF NOT EXISTS metric_changelog (
   timing       VARCHAR NOT NULL,
   is_final     BOOLEAN NOT NULL,
   emitted_at   TIMESTAMPTZ NOT NULL,
+  sketch       BLOB,  -- --distinct hll: the window's serialized DataSketches HLL sketch
   PRIMARY KEY (metric, dims, granularity, window_start, revision, sign)
 );
 CREATE TABLE IF NOT EXISTS metric_latest (
@@ -26,8 +27,12 @@ CREATE TABLE IF NOT EXISTS metric_latest (
   timing       VARCHAR NOT NULL,
   is_final     BOOLEAN NOT NULL,
   emitted_at   TIMESTAMPTZ NOT NULL,
+  sketch       BLOB,
   PRIMARY KEY (metric, dims, granularity, window_start)
 );
+-- Files written before sketches were stored gain the column (NULL: no sketch).
+ALTER TABLE metric_changelog ADD COLUMN IF NOT EXISTS sketch BLOB;
+ALTER TABLE metric_latest ADD COLUMN IF NOT EXISTS sketch BLOB;
 CREATE TABLE IF NOT EXISTS dead_letter (
   dead_letter_id VARCHAR NOT NULL PRIMARY KEY,
   payload        BLOB NOT NULL,

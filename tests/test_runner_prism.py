@@ -157,7 +157,8 @@ def test_prism_job_ran_on_loopback_only(prism_run, netns_prefix: list[str]) -> N
 def test_prism_counters_reconcile_with_the_generator(dataset: str, prism_run) -> None:
     """read and dead-letter counters come from Prism; unique events are counted from the
     sink (day windows), because Prism 2.77 under-reported the dedup step's counters in
-    2 of ~12 runs here (not yet root-caused), so duplicates = read - unique - dead."""
+    2 of ~12 runs here (not yet root-caused); the generator's duplicates are then
+    read - unique - dead by definition, so they are not asserted again."""
     summary, db = prism_run
     c, counts = summary["counters"], expected(dataset)["counts"]
     (unique,), = read_rows(db, "SELECT sum(value) FROM metric_latest "
@@ -165,7 +166,6 @@ def test_prism_counters_reconcile_with_the_generator(dataset: str, prism_run) ->
     assert c["read"] == counts["read"]
     assert c["dead_letter"] == counts["dead_letter"]
     assert unique == counts["unique"]
-    assert c["read"] - unique - c["dead_letter"] == counts["duplicates"]
     by_reason = {k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("dead_letter.")}
     assert by_reason == counts["dead_letter_by_reason"]
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import os
 import uuid
 import zlib
 from collections.abc import Iterable
@@ -44,10 +46,10 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import GRANULARITY_MS, METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event, decode_events, encode_events
 
-METRICS_NAMESPACE = "clickstream"
 ARCHIVE_GLOB = "event_date=*/event_hour=*/*.avro"
 DEFAULT_FILE_BUCKETS = 8
 DEFAULT_FLUSH_S = 60
@@ -156,7 +158,7 @@ class BatchByDestinationFn(beam.DoFn):
 
     def process(self, unique: EventBatch) -> Iterable[WindowedValue]:
         for event in unique:
-            hour = event.event_time_ms // 3_600_000
+            hour = event.event_time_ms // GRANULARITY_MS["hour"]
             partition = self._partitions.get(hour)
             if partition is None:
                 if len(self._partitions) > 10_000:
@@ -290,3 +292,57 @@ class ReadRawArchive(beam.PTransform):
             pbegin
             | "ReadAvro" >> beam.io.ReadFromAvro(self._pattern)
             | "ToEventBatches" >> beam.ParDo(_FromAvroFn()).with_output_types(EventBatch))
+
+
+def archive_files(base_path: str) -> list[str]:
+    """Every file of the archive under `base_path`, sorted."""
+    pattern = FileSystems.join(base_path.rstrip("/"), ARCHIVE_GLOB)
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def reader_schema() -> Any:
+    """The current event schema, parsed for fastavro: files written under an earlier
+    version read through it by Avro schema resolution (added fields take defaults)."""
+    return fastavro.parse_schema(schemas.event_schema())
+
+
+def read_archive_records(path: str) -> list[dict]:
+    """One archive file's records, resolved to the current schema."""
+    with FileSystems.open(path) as fh:
+        return [record for record in fastavro.reader(fh, reader_schema=reader_schema())
+                if isinstance(record, dict)]
+
+
+def rewrite_archive_file(path: str, records: list[dict], codec: str = "deflate") -> None:
+    """Replaces an archive file with `records` (current schema) so that a crash at any
+    point leaves the old file or the new one, never neither and never half of one.
+
+    Locally: write a temporary file beside it (not matching ``*.avro``, so no reader
+    picks it up), fsync, then ``os.replace`` (atomic rename over the old name) and fsync
+    the directory. An object store (gs://) has no rename, but a single-object write is
+    itself atomic: readers see the old object until the new upload completes, so the
+    new content is written to the same name in one upload.
+    """
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, reader_schema(), records, codec=codec)
+    data = buffer.getvalue()
+    if "://" in path:
+        with FileSystems.create(path) as fh:
+            fh.write(data)
+        return
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)

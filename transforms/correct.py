@@ -29,10 +29,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricPane
 from transforms.retract import final_revision_of, retraction_of
-
-METRICS_NAMESPACE = "clickstream"
 
 WindowKey = tuple[str, str, str, str]  # metric, dims, granularity, window_start (ISO, UTC)
 
@@ -70,7 +69,7 @@ def correction_rows(held: schemas.ChangelogRow | None, recomputed: MetricPane | 
         return [retraction_of(held, emitted_at), final_revision_of(held, emitted_at)]
     if held is None:
         assert recomputed is not None
-        return [{
+        new: schemas.ChangelogRow = {
             "metric": recomputed.metric,
             "dims": recomputed.dims,
             "granularity": recomputed.granularity,
@@ -83,12 +82,19 @@ def correction_rows(held: schemas.ChangelogRow | None, recomputed: MetricPane | 
             "timing": schemas.BATCH_TIMING,
             "is_final": True,
             "emitted_at": emitted_at,
-        }]
+        }
+        if recomputed.sketch is not None:
+            new["sketch"] = recomputed.sketch
+        return [new]
     # pane_index stays the last streaming pane's: the recompute is no pane of the
     # streaming windows, and the index never moves backwards for a consumer.
     corrected: schemas.ChangelogRow = dict(  # type: ignore[assignment]
         held, value=value, revision=held["revision"] + 1, timing=schemas.BATCH_TIMING,
         is_final=True, emitted_at=emitted_at)
+    if recomputed is not None and recomputed.sketch is not None:
+        corrected["sketch"] = recomputed.sketch
+    elif "sketch" in corrected:
+        corrected["sketch"] = None  # the held sketch counts the old value: blank it
     return [retraction_of(held, emitted_at), corrected]
 
 

@@ -6,9 +6,13 @@ docs/design.md#state-cost-per-key), so a ValueState per event_id costs ~1 ms per
 Keying on a hash bucket of event_id bounds the keys a bundle touches to the bucket count,
 whatever the traffic.
 
-Inside a bucket, ids are grouped by the UTC day of their event time, so an event-time
-timer can drop a day's ids once that day's windows are past the allowed lateness (no
-copy can be counted again after that), while the bucket stays one compact value.
+The rule (docs/correctness.md): the first copy of an event_id wins, every later copy
+is a counted duplicate, whatever its bytes or event time. Streaming: first to arrive. A
+bounded group has no arrival order: there the earliest event time wins.
+
+Inside a bucket, ids are grouped by the UTC day of their copies' event times, so an
+event-time timer can drop a day's ids once that day's windows are past the allowed
+lateness, while the bucket stays one compact value.
 """
 
 from __future__ import annotations
@@ -37,19 +41,23 @@ from apache_beam.utils import windowed_value
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from schemas import GRANULARITY_MS, METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event, decode_events, encode_events
 from transforms.runtime import relax_gc
 
-METRICS_NAMESPACE = "clickstream"
-DAY_MS = 86_400_000
+DAY_MS = GRANULARITY_MS["day"]
 # Few keys: the SDK's state cache walks all loaded modules (~5 ms) for every key it
 # caches per bundle, so a bundle's fixed cost is about buckets × 5 ms. Raise it when a
 # bucket-day would hold more than a few hundred thousand ids.
 DEFAULT_BUCKETS = 32
 
 class SeenIds(dict, CacheAware):
-    """UTC day index → event_ids seen with an event time that day.
+    """UTC day index → the event_ids with a copy stamped that day.
+
+    An id is held under the day of every copy that is later than its earlier ones, and
+    looked up under every day held, so it is remembered until the horizon of its latest
+    copy's day, whatever day its first copy was stamped.
 
     CacheAware: the SDK's state cache otherwise weighs a value by walking every object
     in it (objsize), measured at ~16% of a million-event run for these sets; the weight
@@ -105,6 +113,16 @@ class BatchByBucketFn(beam.DoFn):
         return in_global_window((bucket, encode_events(events)), earliest)
 
 
+def _as_batch(unique: Iterable[Event], windows: Any) -> Iterable[WindowedValue]:
+    """The unique events as one element stamped with their earliest event time: one
+    element for the group, not one per event (each hand-over to the next step cost the
+    runner ~2.4 µs an event, py-spy, 1M events)."""
+    batch = EventBatch(unique)
+    if batch:
+        earliest_ms = min(event.event_time_ms for event in batch)
+        yield windowed_value.create(batch, earliest_ms * 1000, windows)
+
+
 class _DropRepeatsFn(beam.DoFn):
     """Per bucket group: emits the first copy of each event_id, counts the others."""
 
@@ -115,46 +133,49 @@ class _DropRepeatsFn(beam.DoFn):
     def setup(self) -> None:
         relax_gc()  # this step keeps every id of the open days alive
 
-    def _first_copies(self, batches: Iterable[bytes], seen: dict[int, set[str]],
-                      windows: Any) -> Iterable[WindowedValue]:
-        """The events of `batches` whose id `seen` lacks (for their event day), as one
-        EventBatch stamped with its earliest event time; adds their ids to `seen`."""
-        unique = EventBatch()
-        duplicates = 0
-        earliest_ms = None
-        for event in itertools.chain.from_iterable(map(decode_events, batches)):
-            day = event.event_time_ms // DAY_MS
-            ids = seen.get(day)
-            if ids is None:
-                ids = seen[day] = set()
-            elif event.event_id in ids:
-                duplicates += 1
-                continue
-            ids.add(event.event_id)
-            unique.append(event)
-            if earliest_ms is None or event.event_time_ms < earliest_ms:
-                earliest_ms = event.event_time_ms
-        self._unique.inc(len(unique))
+    def _count(self, unique: int, duplicates: int) -> None:
+        self._unique.inc(unique)
         self._duplicates.inc(duplicates)
-        if earliest_ms is not None:
-            # One element for the group, not one per event: each hand-over to the next
-            # step cost the runner ~2.4 µs an event (py-spy, 1M events).
-            yield windowed_value.create(unique, earliest_ms * 1000, windows)
 
 
 class DropRepeatsInGroupFn(_DropRepeatsFn):
     """Bounded input: a bucket's GroupByKey fires once with every copy in it, so the
     group alone decides; persisting its ids as state would pickle every id of the run
-    for nothing (measured: the state commit was ~10% of a million-event run)."""
+    for nothing (measured: the state commit was ~10% of a million-event run).
+
+    A group has no arrival order (the runner may hand its values in any order), so of
+    copies stamped differently the one with the earliest event time wins, ties broken
+    by content: the same copy every run. It is the first to arrive whenever a re-stamp
+    only moves forward (a client retry stamps the retry's time)."""
 
     def process(self, batch: tuple[int, Iterable[bytes]],
                 input_value=beam.DoFn.WindowedValueParam) -> Iterable[WindowedValue]:
-        yield from self._first_copies(batch[1], {}, input_value.windows)
+        first: dict[str, Event] = {}
+        read = 0
+        for event in itertools.chain.from_iterable(map(decode_events, batch[1])):
+            read += 1
+            held = first.setdefault(event.event_id, event)
+            if held is not event and (event.event_time_ms, _content(event)) < (
+                    held.event_time_ms, _content(held)):
+                first[event.event_id] = event
+        self._count(len(first), read - len(first))
+        yield from _as_batch(first.values(), input_value.windows)
+
+
+def _content(event: Event) -> bytes:
+    return encode_events([event])
 
 
 class DropRepeatedEventIdsFn(_DropRepeatsFn):
-    """Unbounded input: the ids seen so far live in state per bucket, by event day,
-    until an event-time timer drops each day at its lateness horizon."""
+    """Unbounded input: the first copy to arrive wins. The ids seen so far live in
+    state per bucket, by event day, until an event-time timer drops each day at its
+    horizon (day end + allowed lateness). Held under its latest copy's day too, an id
+    is remembered for at least the allowed lateness after the later of its copies'
+    windows closes: a copy re-stamped across midnight is still a repeat.
+
+    State is never changed in place: the value read may be the runner's cached,
+    committed one, and a bundle that fails after the read is retried against it. Each
+    firing writes a new SeenIds that shares the days it did not touch."""
 
     SEEN_IDS = ReadModifyWriteStateSpec("seen_ids", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
@@ -174,12 +195,30 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
         seen_state=beam.DoFn.StateParam(SEEN_IDS),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterable[WindowedValue]:
-        seen: SeenIds = seen_state.read() or SeenIds()
-        earliest_day = min(seen) if seen else None
-        yield from self._first_copies(batch[1], seen, input_value.windows)
-        seen_state.write(seen)
-        if seen and (earliest_day is None or min(seen) < earliest_day):
-            expiry.set(self._horizon(min(seen)))
+        committed: SeenIds = seen_state.read() or SeenIds()
+        seen = SeenIds(committed)
+        copied: set[int] = set()  # days whose id set this firing owns (copied)
+        unique: list[Event] = []
+        duplicates = 0
+        for event in itertools.chain.from_iterable(map(decode_events, batch[1])):
+            event_id, day = event.event_id, event.event_time_ms // DAY_MS
+            days_held = [d for d, ids in seen.items() if event_id in ids]
+            if days_held:
+                duplicates += 1
+                if day <= max(days_held):
+                    continue
+            else:
+                unique.append(event)
+            if day not in copied:
+                seen[day] = set(seen.get(day, ()))
+                copied.add(day)
+            seen[day].add(event_id)
+        self._count(len(unique), duplicates)
+        yield from _as_batch(unique, input_value.windows)
+        if copied:
+            seen_state.write(seen)
+            if not committed or min(seen) < min(committed):
+                expiry.set(self._horizon(min(seen)))
 
     @on_timer(EXPIRY)
     def expire(self, fired_at=beam.DoFn.TimestampParam,

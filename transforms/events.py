@@ -1,7 +1,10 @@
 """The in-pipeline form of a valid event, shared by every stage after parsing.
 
 A NamedTuple keeps elements small and fast to pickle between stages; the field order
-matches schemas/event.avsc.
+matches schemas/event.avsc. Optional fields that later schema versions added (e.g.
+app_version, country) travel in `attributes`, by name, so a field added to the schema
+flows from the validator to the archive and into configured metric dimensions without
+a change here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ class Event(NamedTuple):
     session_id: str | None
     platform: str | None
     properties: dict[str, str]
+    # Non-null values of the schema's optional fields beyond the eight above; never
+    # mutated (the default is shared).
+    attributes: dict[str, str] = {}  # noqa: RUF012
 
     @property
     def identity(self) -> str:
@@ -31,8 +37,11 @@ class Event(NamedTuple):
         return "device:" + self.device_id
 
     def to_avro(self) -> dict:
+        """A record of schemas/event.avsc (the writer fills absent optional fields with
+        their null default)."""
         record = self._asdict()
         record["event_time"] = record.pop("event_time_ms")
+        record.update(record.pop("attributes"))
         return record
 
     @classmethod
@@ -42,11 +51,16 @@ class Event(NamedTuple):
         timestamp() can be off by one)."""
         t = record["event_time"]
         ms = t if isinstance(t, int) else (t - _EPOCH) // _ONE_MS
+        attributes = {name: value for name, value in record.items()
+                      if name not in _CORE_AVRO_FIELDS and value is not None}
         return cls(record["event_id"], record["event_type"], ms, record["device_id"],
                    record.get("user_id"), record.get("session_id"), record.get("platform"),
-                   dict(record.get("properties") or {}))
+                   dict(record.get("properties") or {}), attributes)
 
 
+# The Avro fields that have their own Event field (event_time_ms is event_time there).
+_CORE_AVRO_FIELDS = frozenset(("event_id", "event_type", "event_time", "device_id",
+                               "user_id", "session_id", "platform", "properties"))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 

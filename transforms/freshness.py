@@ -31,10 +31,10 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from schemas import METRICS_NAMESPACE
 from transforms.batching import EventBatch
 
 log = logging.getLogger("clickstream")
-METRICS_NAMESPACE = "clickstream"
 DEFAULT_PERIOD_S = 60
 
 

@@ -44,10 +44,9 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWind
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from schemas import GRANULARITY_MS as WINDOW_MS
+from schemas import METRICS_NAMESPACE
 from transforms.batching import EventBatch
-
-METRICS_NAMESPACE = "clickstream"
-WINDOW_MS = {"hour": 3_600_000, "day": 86_400_000}
 
 WindowKey = Tuple[str, int]  # noqa: UP006 - granularity, window start (epoch ms)
 SeenKept = Tuple[int, int]  # noqa: UP006 - events seen (lossless), events kept (windowed)

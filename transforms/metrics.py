@@ -21,11 +21,12 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import GRANULARITY_SECONDS
 from transforms.batching import EventBatch
-from transforms.distinct import DEFAULT_LG_K, distinct_count_fn
+from transforms.distinct import DEFAULT_LG_K, SketchedCount, distinct_count_fn
 from transforms.events import Event
 from transforms.funnel import FunnelFn, funnel_dims
-from transforms.windowing import GRANULARITY_SECONDS, WindowByGranularity
+from transforms.windowing import WindowByGranularity
 
 DEFAULT_FUNNEL = ("page_view", "add_to_cart", "checkout", "purchase")
 FEATURE_EVENT_TYPE = "feature_use"
@@ -44,6 +45,7 @@ class MetricPane(NamedTuple):
     value: int
     pane_index: int
     runner_timing: str  # the runner's label; the changelog stage re-derives timing
+    sketch: bytes | None = None  # --distinct hll: the window's serialized HLL sketch
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class MetricsConfig:
     hll_lg_k: int = DEFAULT_LG_K
     funnel_steps: tuple[str, ...] = DEFAULT_FUNNEL
     bounded: bool = False
+    # Event fields that split the `events` metric besides event_type (see
+    # events_dimension_values); () keeps its dims {"event_type": ...}.
+    events_dimensions: tuple[str, ...] = ()
 
     def for_bounded_input(self) -> MetricsConfig:
         """A bounded run's watermark jumps to the end at once: there are no early or
@@ -77,13 +82,17 @@ class ToMetricPaneFn(beam.DoFn):
         self._size_ms = GRANULARITY_SECONDS[granularity] * 1000
         self._bounded = bounded
 
-    def process(self, keyed: tuple[WindowedMetricKey, int],
+    def process(self, keyed: tuple[WindowedMetricKey, int | SketchedCount],
                 pane=beam.DoFn.PaneInfoParam) -> Iterable[MetricPane]:
         (metric, dims, start_ms), value = keyed
         index, timing = (0, "ON_TIME") if self._bounded else (
             pane.index, _TIMING_NAMES.get(pane.timing, "UNKNOWN"))
+        sketch = None
+        if isinstance(value, SketchedCount):
+            value, sketch = value
         yield MetricPane(metric, dims, self._granularity, _utc_ms(start_ms),
-                         _utc_ms(start_ms + self._size_ms), int(value), index, timing)
+                         _utc_ms(start_ms + self._size_ms), int(value), index, timing,
+                         sketch)
 
 
 _TIMING_NAMES = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}
@@ -100,6 +109,34 @@ def _feature_dims(feature: str) -> str:
 
 
 NO_DIMS = schemas.canonical_dims({})
+# Fields that identify a person or a single event: never a dimension (unbounded
+# cardinality, and a metric row would carry the identifier).
+NOT_DIMENSIONS = frozenset(("event_id", "event_time", "device_id", "user_id", "session_id",
+                            "properties", "event_type"))
+MISSING_DIMENSION = ""  # the value of a dimension an event does not carry
+
+
+def events_dimension_values(names: Sequence[str]) -> Callable[[Event], tuple[str, ...]]:
+    """An event's values of the configured `events` dimensions: any field of
+    schemas/event.avsc but the identifying ones, so a field a new schema version adds
+    becomes a dimension by configuration alone (it arrives in Event.attributes)."""
+    fields = {spec["name"] for spec in schemas.event_schema()["fields"]}
+    for name in names:
+        if name in NOT_DIMENSIONS or name not in fields:
+            raise ValueError(
+                f"events dimension {name!r}: not a field of schemas/event.avsc, or an "
+                f"identifying one ({', '.join(sorted(NOT_DIMENSIONS))})")
+    getters = tuple(
+        (lambda e, name=name: getattr(e, name) or MISSING_DIMENSION) if name in Event._fields
+        else (lambda e, name=name: e.attributes.get(name, MISSING_DIMENSION))
+        for name in names)
+    return lambda e: tuple(get(e) for get in getters)
+
+
+@functools.lru_cache(maxsize=65536)
+def _events_dims(event_type: str, names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return schemas.canonical_dims({"event_type": event_type, **dict(zip(names, values,
+                                                                        strict=True))})
 
 
 class MetricSpec:
@@ -115,6 +152,13 @@ class MetricSpec:
 def metric_specs(granularity: str, config: MetricsConfig) -> list[MetricSpec]:
     def event_count(e: Event) -> Iterable[tuple[str, Any]]:
         return ((_event_type_dims(e.event_type), None),)
+
+    if config.events_dimensions:
+        names, values_of = config.events_dimensions, events_dimension_values(
+            config.events_dimensions)
+
+        def event_count(e: Event) -> Iterable[tuple[str, Any]]:
+            return ((_events_dims(e.event_type, names, values_of(e)), None),)
 
     def identity(e: Event) -> Iterable[tuple[str, Any]]:
         return ((NO_DIMS, e.identity),)
@@ -206,22 +250,30 @@ class PreAggregateFn(beam.DoFn):
 
 
 class MergePartialsFn(beam.CombineFn):
-    """Combines partial accumulators of `combine_fn` (from PreAggregateFn)."""
+    """Combines partial accumulators of `combine_fn` (from PreAggregateFn), counting
+    them: a pane that holds no partial has no value (None), not the value of an empty
+    accumulator. Flink's runner fires such an empty pane at each window's lateness
+    horizon (docs/flink.md#found-on-flink-beam-270-java-runner-flink-119); read as 0, it
+    overwrote every window's value."""
 
     def __init__(self, combine_fn: beam.CombineFn) -> None:
         self._fn = combine_fn
 
-    def create_accumulator(self) -> Any:
-        return self._fn.create_accumulator()
+    def create_accumulator(self) -> tuple[int, Any]:
+        return 0, self._fn.create_accumulator()
 
-    def add_input(self, acc: Any, partial: Any) -> Any:
-        return self._fn.merge_accumulators([acc, partial])
+    def add_input(self, acc: tuple[int, Any], partial: Any) -> tuple[int, Any]:
+        merged, inner = acc
+        return merged + 1, self._fn.merge_accumulators([inner, partial])
 
-    def merge_accumulators(self, accs: Iterable[Any]) -> Any:
-        return self._fn.merge_accumulators(accs)
+    def merge_accumulators(self, accs: Iterable[tuple[int, Any]]) -> tuple[int, Any]:
+        accs = list(accs)
+        return (sum(merged for merged, _ in accs),
+                self._fn.merge_accumulators([inner for _, inner in accs]))
 
-    def extract_output(self, acc: Any) -> Any:
-        return self._fn.extract_output(acc)
+    def extract_output(self, acc: tuple[int, Any]) -> Any:
+        merged, inner = acc
+        return self._fn.extract_output(inner) if merged else None
 
 
 _STEP_NAMES = {"hour": "Hourly", "day": "Daily"}
@@ -272,7 +324,8 @@ class CombinePartials(beam.PTransform):
             values = (
                 windowed
                 | f"Only_{name}" >> beam.Filter(lambda kv, name=name: kv[0][0] == name)
-                | f"Combine_{name}" >> beam.CombinePerKey(MergePartialsFn(spec.combine_fn)))
+                | f"Combine_{name}" >> beam.CombinePerKey(MergePartialsFn(spec.combine_fn))
+                | f"NonEmpty_{name}" >> beam.Filter(lambda kv: kv[1] is not None))
             if name == FUNNEL:
                 values = values | "PerFunnelStep" >> beam.FlatMap(
                     lambda kv: [(("funnel_step", dims, kv[0][2]), reached) for dims, reached

@@ -24,9 +24,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.correct import WindowKey, row_key
 
-METRICS_NAMESPACE = "clickstream"
 PUBLISH_TIMEOUT_S = 60.0
 
 _Keyed = Tuple[Tuple[str, str, str, str], Any]  # noqa: UP006

@@ -13,20 +13,25 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple
 
 import apache_beam as beam
 import orjson
+from apache_beam.coders import TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.timestamp import MAX_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
+from schemas import METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, in_global_window
 from transforms.events import Event, EventBatch
+from transforms.pseudonymize import PrivacyPolicy
 from transforms.runtime import relax_gc
 
-METRICS_NAMESPACE = "clickstream"
 DEAD_LETTER_TAG = "dead_letter"
 
 
@@ -65,6 +70,9 @@ class EventRules:
     min_event_time_ms: int
     max_ahead_ms: int
     string_rules: tuple[tuple[str, bool, int, int, re.Pattern | None], ...]
+    # Optional string fields beyond Event's own (added by later schema versions): they
+    # travel in Event.attributes.
+    attribute_names: tuple[str, ...] = ()
     # record, now_ms → Event, or None when any rule may be broken (see compile_fast_path)
     fast_path: Callable[[Any, int], Event | None] = field(compare=False, repr=False,
                                                           default=lambda record, now: None)
@@ -90,11 +98,20 @@ class EventRules:
                     int(spec.get("x-maxLength", 1 << 30)),
                     re.compile(pattern) if pattern else None,
                 ))
+        attribute_names = tuple(rule[0] for rule in rules
+                                if rule[0] not in _EVENT_FIELDS_IN_ORDER)
+        required = [rule[0] for rule in rules if rule[0] in attribute_names and rule[1]]
+        if required:
+            # Producers on an earlier schema version do not send it: every one of their
+            # events would become a dead letter.
+            raise ValueError(f"schema field(s) {required} added after version 1 must be "
+                             'optional: ["null", "string"] with default null')
         rules_without_fast_path = cls(
             max_record_bytes=int(schema["x-maxRecordBytes"]),
             min_event_time_ms=min_ms,
             max_ahead_ms=max_ahead_s * 1000,
             string_rules=tuple(rules),
+            attribute_names=attribute_names,
         )
         return replace(rules_without_fast_path,
                        fast_path=compile_fast_path(rules_without_fast_path))
@@ -177,6 +194,8 @@ def validate(record: Any, rules: EventRules, now_ms: int) -> Event:
         strings.get("session_id"),
         strings.get("platform"),
         properties,
+        {name: strings[name] for name in rules.attribute_names  # type: ignore[misc]
+         if strings[name] is not None},
     )
 
 
@@ -221,13 +240,13 @@ def compile_fast_path(rules: EventRules) -> Callable[[Any, int], Event | None]:
     straight-line code with the constants inlined a fraction of that.
     """
     by_name = {rule[0]: rule for rule in rules.string_rules}
-    if set(by_name) != set(_EVENT_FIELDS_IN_ORDER):  # a schema this code does not know
-        return lambda record, now_ms: None
+    if set(by_name) != set(_EVENT_FIELDS_IN_ORDER) | set(rules.attribute_names):
+        return lambda record, now_ms: None  # a schema this code does not know
     lines = ["def fast_path(record, now_ms):",
              "    if type(record) is not dict: return None",
              "    get = record.get"]
     env: dict[str, Any] = {"Event": Event, "rfc3339_ms": common_rfc3339_ms}
-    for i, name in enumerate(_EVENT_FIELDS_IN_ORDER):
+    for i, name in enumerate(_EVENT_FIELDS_IN_ORDER + rules.attribute_names):
         _, required, min_len, max_len, pattern = by_name[name]
         var = f"v{i}"
         checks = [f"type({var}) is not str", f"not {min_len} <= len({var}) <= {max_len}"]
@@ -254,8 +273,19 @@ def compile_fast_path(rules: EventRules) -> Callable[[Any, int], Event | None]:
         "    else:",
         "        for value in properties.values():",
         "            if type(value) is not str: return None",
-        "    return Event(v0, v1, ms, v2, v3, v4, v5, properties)",
     ]
+    first = len(_EVENT_FIELDS_IN_ORDER)
+    attributes = ", ".join(f"{name!r}: v{first + i}"
+                           for i, name in enumerate(rules.attribute_names))
+    nulls = " and ".join(f"v{first + i} is None" for i in range(len(rules.attribute_names)))
+    if attributes:
+        # Most producers send none of them: one test instead of building a dict.
+        lines += [f"    if {nulls}: return Event(v0, v1, ms, v2, v3, v4, v5, properties)",
+                  f"    attributes = {{{attributes}}}",
+                  "    return Event(v0, v1, ms, v2, v3, v4, v5, properties,",
+                  "                 {k: v for k, v in attributes.items() if v is not None})"]
+    else:
+        lines.append("    return Event(v0, v1, ms, v2, v3, v4, v5, properties)")
     exec("\n".join(lines), env)  # source built above from the schema only
     return env["fast_path"]
 
@@ -277,11 +307,14 @@ def decode(payload: bytes, rules: EventRules, now_ms: int) -> Event:
     return event if event is not None else validate(record, rules, now_ms)
 
 
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
 def dead_letter_row(payload: bytes, reason: str, detail: str,
-                    ingest_time: datetime, occurrence: int = 0) -> schemas.DeadLetterRow:
-    digest = hashlib.sha256(payload).hexdigest()[:32]
+                    ingest_time: datetime, occurrence: str = "0") -> schemas.DeadLetterRow:
     return {
-        "dead_letter_id": f"{digest}-{occurrence}",
+        "dead_letter_id": f"{payload_digest(payload)}-{occurrence}",
         "payload": payload,
         "reason": reason,
         "detail": detail,
@@ -291,10 +324,14 @@ def dead_letter_row(payload: bytes, reason: str, detail: str,
 
 class ParseEventFn(beam.DoFn):
     """Bytes in; EventBatches (stamped with their earliest event time) on the main
-    output, dead letters on a tagged one."""
+    output, dead letters on a tagged one. `privacy` (pseudonyms, properties allow-list)
+    applies to every valid event before it leaves, so no later stage sees the clear
+    ids; it is applied per batch, so without one parse costs nothing more."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time,
+                 privacy: PrivacyPolicy | None = None) -> None:
         self._clock = clock
+        self._privacy_policy = privacy
         self._read = Metrics.counter(METRICS_NAMESPACE, "read")
         self._valid = Metrics.counter(METRICS_NAMESPACE, "valid")
         self._invalid = Metrics.counter(METRICS_NAMESPACE, "dead_letter")
@@ -303,6 +340,8 @@ class ParseEventFn(beam.DoFn):
     def setup(self) -> None:
         relax_gc()
         self._rules = EventRules.from_schema(schemas.event_schema())
+        policy = self._privacy_policy
+        self._privacy = policy.bind() if policy is not None and policy.active else None
 
     def start_bundle(self) -> None:
         # One clock reading per bundle: the 24 h future rule does not need more precision.
@@ -317,7 +356,14 @@ class ParseEventFn(beam.DoFn):
         self._valid.inc(self._valid_n)
         self._read_n = self._valid_n = 0
         for _, batch, earliest in self._batcher.drain():
-            yield in_global_window(batch, earliest)
+            yield self._valid_batch(batch, earliest)
+        if self._privacy is not None:
+            self._privacy.flush_counters()
+
+    def _valid_batch(self, batch: EventBatch, earliest: Any) -> WindowedValue:
+        if self._privacy is not None:
+            batch = EventBatch(self._privacy.apply(batch))
+        return in_global_window(batch, earliest)
 
     def process(self, payloads: bytes | list[bytes]) -> Iterable[Any]:
         """One payload, or a list of them (the file source hands lines on in lists)."""
@@ -351,7 +397,7 @@ class ParseEventFn(beam.DoFn):
         # Valid events leave in batches (one element per 4,096 events or per bundle):
         # every element handed to the next step cost the runner ~2.4 µs (py-spy, 1M).
         full = self._batcher.add(None, event)
-        return None if full is None else in_global_window(full[1], full[2])
+        return None if full is None else self._valid_batch(full[1], full[2])
 
     def _reason_counter(self, reason: str) -> Any:
         counter = self._by_reason.get(reason)
@@ -361,15 +407,41 @@ class ParseEventFn(beam.DoFn):
         return counter
 
 
-class NumberDuplicatePayloads(beam.DoFn):
-    """Gives identical dead payloads ids -0, -1, ... so re-runs write the same rows."""
+class NumberRepeatsFn(beam.DoFn):
+    """Per payload digest, in the global window: numbers each copy of a dead payload as it
+    arrives, so every copy is its own row, whenever it comes and whatever its timestamp.
 
-    def process(self, keyed: tuple[str, Iterable[schemas.DeadLetterRow]]
-                ) -> Iterable[schemas.DeadLetterRow]:
-        _, rows = keyed
-        for occurrence, row in enumerate(sorted(rows, key=lambda r: r["reason"])):
-            yield dead_letter_row(row["payload"], row["reason"], row["detail"],
-                                  row["ingest_time"], occurrence)
+    Nothing is windowed, so nothing is dropped as late (an offline device's malformed
+    event stamped with its old event time included). The id is digest-generation-n:
+    n counts this payload's copies; the generation (the first copy's timestamp in ms, 0
+    before 1970: a bounded input's lines) starts again once the state is forgotten,
+    MEMORY_S of event time after the last copy, so a later copy never reuses a stored
+    id. A runner that retries the bundle (or re-reads a message whose bundle never
+    committed) replays it against the committed count: the same ids again, which the
+    sinks' keyed writes store once. docs/correctness.md says how a redelivery is told
+    from a true repeat.
+    """
+
+    MEMORY_S = 86_400
+    COPIES = ReadModifyWriteStateSpec("copies", TupleCoder((VarIntCoder(), VarIntCoder())))
+    FORGET = TimerSpec("forget", TimeDomain.WATERMARK)
+
+    def process(self, keyed: tuple[str, schemas.DeadLetterRow],
+                timestamp=beam.DoFn.TimestampParam,
+                copies=beam.DoFn.StateParam(COPIES),
+                forget=beam.DoFn.TimerParam(FORGET)) -> Iterable[schemas.DeadLetterRow]:
+        _, row = keyed
+        held = copies.read()
+        generation, n = held if held is not None else (max(timestamp.micros // 1000, 0), 0)
+        copies.write((generation, n + 1))
+        if timestamp < MAX_TIMESTAMP - self.MEMORY_S:
+            forget.set(timestamp + self.MEMORY_S)
+        yield dead_letter_row(row["payload"], row["reason"], row["detail"],
+                              row["ingest_time"], f"{generation}-{n}")
+
+    @on_timer(FORGET)
+    def forget_payload(self, copies=beam.DoFn.StateParam(COPIES)) -> None:
+        copies.clear()
 
 
 class ParseEvents(beam.PTransform):
@@ -377,21 +449,20 @@ class ParseEvents(beam.PTransform):
     dead-letter rows with stable ids)."""
 
     def __init__(self, clock: Callable[[], float] = time.time,
-                 dead_letter_window_s: int = 60) -> None:
+                 privacy: PrivacyPolicy | None = None) -> None:
         super().__init__()
         self._clock = clock
-        self._dead_letter_window_s = dead_letter_window_s
+        self._privacy = privacy
 
     def expand(self, payloads: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        parsed = payloads | "Validate" >> beam.ParDo(ParseEventFn(self._clock)).with_outputs(
-            DEAD_LETTER_TAG, main="events")
+        parsed = payloads | "Validate" >> beam.ParDo(
+            ParseEventFn(self._clock, self._privacy)).with_outputs(
+                DEAD_LETTER_TAG, main="events")
         parsed["events"].element_type = EventBatch
         dead_letters = (
             parsed[DEAD_LETTER_TAG]
-            | "WindowDeadLetters" >> beam.WindowInto(
-                FixedWindows(self._dead_letter_window_s))
-            | "KeyByPayload" >> beam.WithKeys(lambda row: row["dead_letter_id"])
-            | "GroupSamePayload" >> beam.GroupByKey()
-            | "NumberCopies" >> beam.ParDo(NumberDuplicatePayloads())
-            | "BackToGlobalWindow" >> beam.WindowInto(GlobalWindows()))
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "KeyByPayload" >> beam.Map(lambda row: (payload_digest(row["payload"]), row)
+                                         ).with_output_types(Tuple[str, Any])  # noqa: UP006
+            | "NumberCopies" >> beam.ParDo(NumberRepeatsFn()))
         return parsed["events"], dead_letters

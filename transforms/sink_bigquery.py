@@ -71,10 +71,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import retry
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
 log = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "clickstream"
 CHANGELOG_TABLE = "metric_changelog"
 DEAD_LETTER_TABLE = "dead_letter"
 LATEST_VIEW = "metric_latest"
@@ -134,6 +134,8 @@ def changelog_json(row: Mapping[str, Any]) -> dict[str, Any]:
     for c in ("value", "sign", "revision", "pane_index"):
         out[c] = int(row[c])
     out["is_final"] = bool(row["is_final"])
+    if row.get(schemas.SKETCH_COLUMN) is not None:  # BYTES are base64 in JSON
+        out[schemas.SKETCH_COLUMN] = base64.b64encode(row[schemas.SKETCH_COLUMN]).decode()
     return out
 
 

@@ -71,6 +71,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
 _SPEC = json.loads(schemas.read_text("bigtable.json"))
 FAMILY = next(iter(_SPEC["column_families"]))
@@ -79,6 +80,7 @@ SEP = _SPEC["row_key"]["separator"]
 _INT_COLUMNS = ("value", "revision", "pane_index")
 _TIME_COLUMNS = ("window_start", "window_end", "emitted_at")
 _TEXT_COLUMNS = ("metric", "granularity", "dims", "timing")
+_SKETCH = schemas.SKETCH_COLUMN
 
 
 def dims_hash(dims: str) -> str:
@@ -116,6 +118,10 @@ def encode_cells(row: Mapping[str, Any]) -> dict[str, bytes]:
     cells.update({c: struct.pack(">q", int(row[c])) for c in _INT_COLUMNS})
     cells.update({c: _iso(row[c]) for c in _TIME_COLUMNS})
     cells["is_final"] = b"\x01" if row["is_final"] else b"\x00"
+    if _SKETCH in row:
+        # Written even when None (as empty): it then hides an older revision's sketch,
+        # which counted another value.
+        cells[_SKETCH] = row[_SKETCH] or b""
     return cells
 
 
@@ -126,6 +132,8 @@ def decode_cells(cells: Mapping[str, bytes]) -> dict[str, Any]:
     out.update({c: datetime.fromisoformat(cells[c].decode("ascii"))
                 for c in _TIME_COLUMNS})
     out["is_final"] = cells["is_final"] == b"\x01"
+    if _SKETCH in cells:
+        out[_SKETCH] = cells[_SKETCH] or None
     return out
 
 
@@ -171,7 +179,6 @@ def ensure_table(project: str, instance: str, table: str) -> None:
         tbl.column_family(FAMILY, gc_rule=_gc_rule()).update()
 
 
-METRICS_NAMESPACE = "clickstream"
 
 
 class _ToDirectRowFn(beam.DoFn):
@@ -348,3 +355,21 @@ def read_all_rows(project: str, instance: str, table: str) -> Iterable[dict[str,
     for row in _table(project, instance, table).read_rows(
             filter_=CellsColumnLimitFilter(1)):
         yield dict(_decoded(row), row_key=row.row_key.decode("utf-8"))
+
+
+def read_metric_from_bigtable(project: str, instance: str, table: str, metric: str,
+                              granularity: str, start: datetime, end: datetime
+                              ) -> list[dict[str, Any]]:
+    """Every dims value of one metric for windows starting in [start, end): one range
+    scan of the ``metric#granularity#`` prefix (the dims hash precedes the window in the
+    key, so the time range is applied to the decoded rows)."""
+    from google.cloud.bigtable.row_filters import CellsColumnLimitFilter
+
+    prefix = SEP.join((metric, granularity, "")).encode("utf-8")
+    rows = _table(project, instance, table).read_rows(
+        start_key=prefix, end_key=prefix[:-1] + bytes([prefix[-1] + 1]),
+        filter_=CellsColumnLimitFilter(1))
+    out = [decoded for decoded in map(_decoded, rows)
+           if start <= decoded["window_start"] < end]
+    out.sort(key=lambda r: (r["window_start"], r["dims"]))
+    return out

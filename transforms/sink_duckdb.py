@@ -23,8 +23,8 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 import schemas
+from schemas import METRICS_NAMESPACE
 
-METRICS_NAMESPACE = "clickstream"
 LOCK_RETRY_SECONDS = 120.0
 # DuckDB's Python client fails with concurrent connections to one file from several
 # threads of a process (catalog write-write conflict on CREATE, "python_arrow_scan does
@@ -51,14 +51,20 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(schemas.read_text("duckdb.sql"))
 
 
+_SKETCH = schemas.SKETCH_COLUMN
+
+
 def _arrow(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Table:
-    return pa.table({c: [row[c] for row in rows] for c in columns})
+    """The rows' columns, plus the optional sketch (NULL where a row has none)."""
+    table = {c: [row[c] for row in rows] for c in columns}
+    table[_SKETCH] = pa.array([row.get(_SKETCH) for row in rows], type=pa.binary())
+    return pa.table(table)
 
 
 def write_changelog(con: duckdb.DuckDBPyConnection, rows: Sequence[schemas.ChangelogRow]
                     ) -> None:
     con.register("changelog_batch", _arrow(rows, schemas.CHANGELOG_COLUMNS))
-    cols = ", ".join(schemas.CHANGELOG_COLUMNS)
+    cols = ", ".join((*schemas.CHANGELOG_COLUMNS, _SKETCH))
     con.execute(f"INSERT INTO metric_changelog ({cols}) SELECT {cols} FROM changelog_batch "
                 "ON CONFLICT DO NOTHING")
     newest: dict[tuple, schemas.ChangelogRow] = {}
@@ -71,8 +77,9 @@ def write_changelog(con: duckdb.DuckDBPyConnection, rows: Sequence[schemas.Chang
     if not newest:
         return
     con.register("latest_batch", _arrow(list(newest.values()), schemas.LATEST_COLUMNS))
-    cols = ", ".join(schemas.LATEST_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in schemas.LATEST_COLUMNS[4:])
+    cols = ", ".join((*schemas.LATEST_COLUMNS, _SKETCH))
+    updates = ", ".join(f"{c} = excluded.{c}"
+                        for c in (*schemas.LATEST_COLUMNS[4:], _SKETCH))
     con.execute(
         f"INSERT INTO metric_latest ({cols}) SELECT {cols} FROM latest_batch "
         f"ON CONFLICT DO UPDATE SET {updates} "
@@ -221,3 +228,19 @@ def read_latest_rows(path: str, start: datetime, end: datetime
         "is_final": is_final, "emitted_at": emitted_at.astimezone(UTC),
     } for (metric, dims, granularity, window_start, window_end, value, revision,
            pane_index, timing, is_final, emitted_at) in rows]
+
+
+_SKETCHES_SQL = """
+    SELECT window_start, value, sketch FROM metric_latest
+    WHERE metric = ? AND granularity = ? AND dims = ?
+      AND window_start >= ? AND window_start < ?
+    ORDER BY window_start"""
+
+
+def read_sketches_from_duckdb(path: str, metric: str, granularity: str, dims: str,
+                              start: datetime, end: datetime
+                              ) -> list[tuple[datetime, int, bytes | None]]:
+    """(window_start, latest value, its sketch or None) of windows starting in
+    [start, end): what a distinct count over a range unions."""
+    return [(ws.astimezone(UTC), value, sketch) for ws, value, sketch in read_rows(
+        path, _SKETCHES_SQL, (metric, granularity, dims, start, end))]

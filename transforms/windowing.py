@@ -7,7 +7,7 @@ from apache_beam.transforms import trigger as triggers
 from apache_beam.transforms.window import FixedWindows, TimestampCombiner
 from apache_beam.utils.timestamp import Duration
 
-GRANULARITY_SECONDS = {"hour": 3600, "day": 86400}
+from schemas import GRANULARITY_SECONDS
 
 
 def pane_trigger(early_firing_s: int, late_firing_s: int, bounded: bool = False
