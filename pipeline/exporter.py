@@ -309,11 +309,11 @@ def poll_job(metrics: Callable[[], Any],
     def poll() -> Snapshot:
         try:
             snapshot = snapshot_of(metrics().query())
-        except Exception:
+        except Exception as exc:
             if lag is None:
                 raise
             # No Beam metrics (yet): the lag, read from the broker, still goes out.
-            log.warning("metrics exporter: Beam metrics unavailable", exc_info=True)
+            log.warning("metrics exporter: Beam metrics unavailable (%s)", exc)
             snapshot = Snapshot()
         if lag is not None:
             try:
