@@ -303,11 +303,18 @@ def poll_job(metrics: Callable[[], Any],
              lag: Callable[[], list[TopicLag]] | None = None) -> Callable[[], Snapshot]:
     """A poll function for a running job: its Beam metrics (all namespaces) from
     `metrics()` (a MetricResults, e.g. ``result.metrics``) and, when given, the consumer
-    lag. A failing lag read leaves the lag out of that poll (the exporter logs it) rather
-    than hiding the job's own metrics."""
+    lag. Either failing leaves only itself out of that poll (logged): a job whose runner
+    has no Beam metrics yet still exports its lag, and a broker hiccup hides no counter."""
 
     def poll() -> Snapshot:
-        snapshot = snapshot_of(metrics().query())
+        try:
+            snapshot = snapshot_of(metrics().query())
+        except Exception as exc:
+            if lag is None:
+                raise
+            # No Beam metrics (yet): the lag, read from the broker, still goes out.
+            log.warning("metrics exporter: Beam metrics unavailable (%s)", exc)
+            snapshot = Snapshot()
         if lag is not None:
             try:
                 snapshot.partitions = lag()

@@ -128,3 +128,14 @@ def test_families_name_counters_and_consumer_lag() -> None:
            if name == "clickstream_kafka_consumer_lag"}
     # Partition 1 has no committed offset: all of it is behind.
     assert lag == {"0": 10, "1": 50}
+
+
+def test_lag_is_exported_while_the_runner_has_no_beam_metrics() -> None:
+    def no_metrics():
+        raise RuntimeError("the running job has reported no Beam metrics yet")
+
+    poll = poll_job(no_metrics, lambda: [TopicLag("g", "t", PartitionLag(0, 10, 4))])
+    snapshot = poll()
+    assert snapshot.counters == {} and [p.partition.lag for p in snapshot.partitions] == [6]
+    with pytest.raises(RuntimeError):  # without a lag to export, the failure is the poll's
+        poll_job(no_metrics)()
