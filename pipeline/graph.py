@@ -52,7 +52,8 @@ class ClickstreamMetrics(beam.PTransform):
     def expand(self, payloads: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
-        events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(self._clock)
+        events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
+            self._clock, config.bounded)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
