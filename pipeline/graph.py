@@ -61,7 +61,7 @@ class ClickstreamMetrics(beam.PTransform):
                ) -> tuple[beam.PCollection, beam.PCollection]:
         config = self._config
         events, dead_letters = payloads | "ParseAndValidate" >> ParseEvents(
-            self._clock, self._privacy)
+            self._clock, self._privacy, config.bounded)
         dedup = self._dedup if self._dedup is not None else DeduplicateEvents(
             config.allowed_lateness_s, self._dedup_buckets, config.bounded)
         unique = events | "Dedup" >> dedup
