@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import schemas
 from pipeline import oracle
 from pipeline.compare import (
     changelog_mismatches,
@@ -46,9 +47,14 @@ def exact_run(dataset: str, tmp_path_factory):
     return run_job(dataset, db, "--distinct", "exact"), db
 
 
+COLUMNS = {"metric_changelog": (*schemas.CHANGELOG_COLUMNS, "sketch"),
+           "metric_latest": (*schemas.LATEST_COLUMNS, "sketch"),
+           "dead_letter": schemas.DEAD_LETTER_COLUMNS}
+
+
 def dump(db: str) -> dict[str, list[tuple]]:
-    return {table: read_rows(db, f"SELECT * FROM {table} ORDER BY ALL")
-            for table in ("metric_changelog", "metric_latest", "dead_letter")}
+    return {table: read_rows(db, f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
+            for table, columns in COLUMNS.items()}
 
 
 def test_exact_metrics_equal_the_oracle(dataset: str, exact_run) -> None:
@@ -107,12 +113,7 @@ def test_rerunning_the_same_input_leaves_the_same_contents(dataset: str, exact_r
 
 def without_write_times(tables: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
     """Each table's rows without emitted_at / ingest_time (the wall clock of the run)."""
-    import schemas
-
-    columns = {"metric_changelog": schemas.CHANGELOG_COLUMNS,
-               "metric_latest": schemas.LATEST_COLUMNS,
-               "dead_letter": schemas.DEAD_LETTER_COLUMNS}
-    return {table: sorted(tuple(v for c, v in zip(columns[table], row, strict=True)
+    return {table: sorted(tuple(v for c, v in zip(COLUMNS[table], row, strict=True)
                                 if c not in ("emitted_at", "ingest_time")) for row in rows)
             for table, rows in tables.items()}
 

@@ -35,7 +35,8 @@ def test_sink_tally_reads_day_window_events_and_dead_letters(tmp_path: Path) -> 
     con = connect(db)
     try:
         create_tables(con)
-        con.execute("""INSERT INTO metric_latest VALUES
+        con.execute("""INSERT INTO metric_latest (metric, dims, granularity, window_start,
+            window_end, value, revision, timing, is_final, emitted_at) VALUES
             ('events', '{"event_type":"click"}', 'day', '2026-11-01', '2026-11-02', 5, 1,
              'ON_TIME', true, now()),
             ('events', '{"event_type":"view"}', 'day', '2026-11-01', '2026-11-02', 2, 1,
