@@ -40,7 +40,12 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from pipeline import job  # noqa: E402
 from pipeline.options import ClickstreamOptions  # noqa: E402
 from runners.flink_session import FlinkSession, Settings  # noqa: E402
-from tests.flink_job import STREAMING_OVER_FILES, final_windows  # noqa: E402
+from tests.flink_job import final_windows  # noqa: E402
+
+# An early pane fired by the processing-time clock after the last checkpoint, written,
+# then fired again with other contents after the restore would be a revision the keyed
+# sink keeps from the first attempt (docs/flink.md, checkpoints).
+NO_EARLY_PANES = ("--early_firing_s=0",)
 
 
 def say(message: str) -> None:
@@ -83,7 +88,7 @@ def main(argv: list[str]) -> int:
             checkpointing_interval=args.checkpoint_ms, min_pause_between_checkpoints=500,
             parallelism=2, state_backend="rocksdb")
         options = PipelineOptions([*submit, f"--input_files={args.input_files}",
-                                   f"--duckdb_path={db}", *STREAMING_OVER_FILES])
+                                   f"--duckdb_path={db}", *NO_EARLY_PANES])
         report["submit_args"] = submit
         p = beam.Pipeline(options=options)
         job.build(p, options.view_as(ClickstreamOptions))

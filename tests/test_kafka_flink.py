@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "kafka_flink_job.py"
 
 
-def test_kafka_replay_on_flink_equals_the_oracle(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def kafka_replay(tmp_path_factory) -> tuple[str, str, dict, str]:
     prefix = isolation_prefix()
     if prefix is None:
         pytest.fail("no private network namespace (unshare/ip missing or not permitted): "
@@ -56,6 +57,7 @@ def test_kafka_replay_on_flink_equals_the_oracle(tmp_path) -> None:
     subprocess.run([str(ROOT / "scripts" / "kafka"), "prepare"], check=True, timeout=600)
     subprocess.run([str(ROOT / "scripts" / "fetch_flink_jobserver")], check=True,
                    timeout=900, stdout=subprocess.DEVNULL)
+    tmp_path = tmp_path_factory.mktemp("kafka_replay")
     data = str(tmp_path / "data")
     write_dataset(data, GeneratorConfig(events=4000, seed=5, too_late_rate=0.0))
     db = str(tmp_path / "kafka.duckdb")
@@ -68,19 +70,47 @@ def test_kafka_replay_on_flink_equals_the_oracle(tmp_path) -> None:
                         env, timeout_s=700)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data, db, result, proc.stderr
+
+
+def test_kafka_replay_on_flink_equals_the_oracle(kafka_replay) -> None:
+    data, db, result, stderr = kafka_replay
     assert result["interfaces"] == ["lo"]
     assert result["state"].endswith("CANCELLED"), result["summary"]
-    assert "drained" in proc.stderr, proc.stderr[-3000:]
+    assert "drained" in stderr, stderr[-3000:]
 
     truth = read_truth(data)
     want = oracle.expected_metrics(truth, DEFAULT_FUNNEL)
     assert differences(latest_from_duckdb(db), want) == []
     assert changelog_mismatches(db) == []
     assert windows_not_final(db) == 0
-    timings = dict(read_rows(db, "SELECT timing, count(*) FROM metric_changelog "
-                                 "WHERE sign > 0 GROUP BY timing"))
-    assert timings.get("EARLY") and timings.get("ON_TIME") and timings.get("LATE"), timings
     with open(os.path.join(data, "expected.json")) as f:
         expected = json.load(f)["counts"]
     assert read_rows(db, "SELECT count(*) FROM dead_letter") == [(expected["dead_letter"],)]
     assert result["published"] == expected["read"]
+
+
+def test_kafka_replay_on_flink_timing_is_early_then_on_time_then_late(kafka_replay
+                                                                      ) -> None:
+    """Per window and key, in revision order: EARLY revisions, exactly one ON_TIME, then
+    LATE ones, the final mark repeating the timing it closes. Whether a late sync is
+    labelled LATE or still EARLY depends, on this runner, on when the changelog stage's
+    window-end timer fires (docs/flink.md, finding 5): runs here gave both, so LATE's
+    presence is not asserted."""
+    _, db, _, _ = kafka_replay
+    rows = read_rows(db, """
+        SELECT metric, dims, granularity, window_start, list(timing ORDER BY revision),
+               list(is_final ORDER BY revision)
+        FROM metric_changelog WHERE sign > 0 GROUP BY ALL""")
+    assert rows
+    seen = set()
+    for *key, timings, finals in rows:
+        assert finals[-1] and not any(finals[:-1]), (key, finals)
+        body = timings[:-1]  # the last revision is the final mark
+        assert body.count("ON_TIME") == 1, (key, timings)
+        on_time = body.index("ON_TIME")
+        assert set(body[:on_time]) <= {"EARLY"}, (key, timings)
+        assert set(body[on_time + 1:]) <= {"LATE"}, (key, timings)
+        assert timings[-1] == body[-1], (key, timings)
+        seen.update(timings)
+    assert {"EARLY", "ON_TIME"} <= seen, seen
