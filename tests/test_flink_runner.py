@@ -9,9 +9,10 @@ tests/test_runner_prism.py's ``isolation_prefix``, shared here):
 * batch: ``clickstream run``'s path. Counters come back from the job service once the
   job has finished (pipeline/job.py asks again after the run; Beam caches the first,
   empty, answer);
-* streaming over the same files, checkpointing every 2 s into RocksDB, with the default
-  allowed lateness and early panes: the job never ends by itself, so it runs until the
-  sink holds every window final, then is cancelled.
+* streaming over the same files, checkpointing every 2 s into RocksDB, with no allowed
+  lateness and no early panes (tests/flink_job.py's STREAMING_OVER_FILES says why): the
+  job never ends by itself, so it runs until the sink holds every window final, then is
+  cancelled.
   A cancelled Flink job has no metrics in the job service, so the summary must say
   "counters unavailable on this runner" and reconcile from the sink;
 * the held-out replay (``clickstream replay``, a TestStream with early, on-time and late
