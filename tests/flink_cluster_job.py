@@ -108,7 +108,6 @@ def main(argv: list[str]) -> int:
                                  "before the kill: make the dataset larger")
             last = session.job_checkpoints(job_id)["latest"]["completed"]
             report["last_checkpoint_before_kill"] = last["id"] if last else None
-            barrier_ms = {last["id"]: last["trigger_timestamp"]} if last else {}
             killed = time.monotonic()
             killed_epoch_ms = time.time() * 1000
             pid = session.pid("taskmanager-2")
@@ -128,10 +127,14 @@ def main(argv: list[str]) -> int:
             restore = wait("the job to restore from a checkpoint", restored, 180)
             report["restored_checkpoint"] = restore["id"]
             # What the restart replays: the processing between that checkpoint's barrier
-            # and the kill, redone by the new attempt (its sink writes are no-ops).
-            if restore["id"] in barrier_ms:
-                report["replayed_processing_s"] = round(
-                    (killed_epoch_ms - barrier_ms[restore["id"]]) / 1000, 1)
+            # and the kill, redone by the new attempt (its sink writes are no-ops). The
+            # restored checkpoint may be a later one than the last seen before the kill
+            # (one can complete while the kill is being noticed), so ask for its own
+            # trigger time.
+            restored_details = session.rest(
+                f"/jobs/{job_id}/checkpoints/details/{restore['id']}")
+            report["replayed_processing_s"] = round(
+                (killed_epoch_ms - restored_details["trigger_timestamp"]) / 1000, 1)
             report["recovered_s"] = round(time.monotonic() - killed, 1)
             say(f"job RUNNING again from checkpoint {restore['id']}, "
                 f"{report['recovered_s']} s after the kill")
