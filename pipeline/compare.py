@@ -50,3 +50,31 @@ def changelog_mismatches(path: str) -> list[tuple]:
 
 def windows_not_final(path: str) -> int:
     return read_rows(path, "SELECT count(*) FROM metric_latest WHERE NOT is_final")[0][0]
+
+
+_TIMING_RANK = {"EARLY": 0, "ON_TIME": 1, "LATE": 2}
+
+
+def timing_violations(path: str, one_on_time: bool = False) -> list[tuple]:
+    """Windows and keys whose revisions break the timing rules (docs/correctness.md):
+    EARLY ones, at most one ON_TIME (exactly one with ``one_on_time``), then LATE ones,
+    and a final mark, last, repeating the timing it closes. Returns (key, timings)."""
+    rows = read_rows(path, """
+        SELECT metric, dims, granularity, window_start, list(timing ORDER BY revision),
+               list(is_final ORDER BY revision)
+        FROM metric_changelog WHERE sign > 0 GROUP BY ALL""")
+    bad = []
+    for *key, timings, finals in rows:
+        body = timings[:-1]
+        ranks = [_TIMING_RANK[t] for t in body]
+        on_time = body.count("ON_TIME")
+        if (not finals[-1] or any(finals[:-1]) or ranks != sorted(ranks)
+                or timings[-1] != (body[-1] if body else None)
+                or on_time > 1 or (one_on_time and on_time != 1)):
+            bad.append((tuple(key), timings))
+    return bad
+
+
+def timings_seen(path: str) -> set[str]:
+    return {t for (t,) in read_rows(
+        path, "SELECT DISTINCT timing FROM metric_changelog WHERE sign > 0")}

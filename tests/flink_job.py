@@ -50,11 +50,6 @@ NO_CHECKPOINTS: dict[str, object] = {
 
 
 
-# The streaming job over files: no allowed lateness and no early panes, so every window
-# is final at its end. With the default lateness a CI run waited 7+ minutes for the last
-# windows' final marks (docs/flink.md, finding 5: the changelog stage's timers fire late
-# on this runner); the replay tests cover the default lateness.
-STREAMING_OVER_FILES = ("--allowed_lateness_s=0", "--early_firing_s=0")
 
 
 def final_windows(duckdb_path: str) -> int:
@@ -121,7 +116,7 @@ def main(argv: list[str]) -> int:
         done = int(next(a for a in rest if a.startswith("--done_windows=")).split("=")[1])
         rest = [a for a in rest if not a.startswith("--done_windows=")]
         summary = run_streaming_over_files(
-            [*preset_args("flink"), *STREAMING_OVER_FILES, *rest], done, 600)
+            [*preset_args("flink"), *rest], done, 600)
     else:
         raise SystemExit(f"unknown mode {mode!r}: batch, streaming or replay")
     print(json.dumps({

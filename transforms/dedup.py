@@ -45,6 +45,7 @@ from schemas import GRANULARITY_MS, METRICS_NAMESPACE
 from transforms.batching import BundleBatcher, EventBatch, in_global_window
 from transforms.events import Event, decode_events, encode_events
 from transforms.runtime import relax_gc
+from transforms.timers import set_without_hold
 
 DAY_MS = GRANULARITY_MS["day"]
 # Few keys: the SDK's state cache walks all loaded modules (~5 ms) for every key it
@@ -218,7 +219,7 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
         if copied:
             seen_state.write(seen)
             if not committed or min(seen) < min(committed):
-                expiry.set(self._horizon(min(seen)))
+                set_without_hold(expiry, self._horizon(min(seen)))
 
     @on_timer(EXPIRY)
     def expire(self, fired_at=beam.DoFn.TimestampParam,
@@ -231,7 +232,7 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
             seen_state.clear()
             return
         seen_state.write(kept)
-        expiry.set(self._horizon(min(kept)))
+        set_without_hold(expiry, self._horizon(min(kept)))
 
 
 class DeduplicateEvents(beam.PTransform):

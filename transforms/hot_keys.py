@@ -41,6 +41,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 import schemas
 from transforms.events import Event, EventBatch
+from transforms.windowing import WindowIntoClosedIfNonEmpty
 
 log = logging.getLogger("clickstream")
 METRICS_NAMESPACE = "clickstream"
@@ -293,7 +294,7 @@ class BotPolicy(beam.PTransform):
     def expand(self, unique: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         judged = (unique
                   | "SplitByDeviceWindow" >> beam.ParDo(SplitByDeviceWindowFn(self._window_s))
-                  | "Window" >> beam.WindowInto(
+                  | "Window" >> WindowIntoClosedIfNonEmpty(
                       FixedWindows(self._window_s),
                       trigger=trigger.AfterWatermark(late=trigger.AfterCount(1)),
                       accumulation_mode=trigger.AccumulationMode.DISCARDING,

@@ -47,6 +47,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from schemas import GRANULARITY_MS as WINDOW_MS
 from schemas import METRICS_NAMESPACE
 from transforms.batching import EventBatch
+from transforms.windowing import WindowIntoClosedIfNonEmpty
 
 WindowKey = Tuple[str, int]  # noqa: UP006 - granularity, window start (epoch ms)
 SeenKept = Tuple[int, int]  # noqa: UP006 - events seen (lossless), events kept (windowed)
@@ -166,7 +167,7 @@ class CountTooLate(beam.PTransform):
                 counts
                 | f"Only_{granularity}" >> beam.Filter(
                     lambda kv, g=granularity: kv[0][0] == g)
-                | f"Window_{granularity}" >> beam.WindowInto(
+                | f"Window_{granularity}" >> WindowIntoClosedIfNonEmpty(
                     FixedWindows(WINDOW_MS[granularity] // 1000),
                     trigger=trigger,
                     accumulation_mode=triggers.AccumulationMode.DISCARDING,

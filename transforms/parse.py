@@ -31,6 +31,7 @@ from transforms.batching import BundleBatcher, in_global_window
 from transforms.events import Event, EventBatch
 from transforms.pseudonymize import PrivacyPolicy
 from transforms.runtime import relax_gc
+from transforms.timers import set_without_hold
 
 DEAD_LETTER_TAG = "dead_letter"
 
@@ -435,7 +436,7 @@ class NumberRepeatsFn(beam.DoFn):
         generation, n = held if held is not None else (max(timestamp.micros // 1000, 0), 0)
         copies.write((generation, n + 1))
         if timestamp < MAX_TIMESTAMP - self.MEMORY_S:
-            forget.set(timestamp + self.MEMORY_S)
+            set_without_hold(forget, timestamp + self.MEMORY_S)
         yield dead_letter_row(row["payload"], row["reason"], row["detail"],
                               row["ingest_time"], f"{generation}-{n}")
 

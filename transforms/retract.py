@@ -41,6 +41,7 @@ from apache_beam.utils.timestamp import Timestamp
 import schemas
 from schemas import METRICS_NAMESPACE
 from transforms.metrics import MetricPane
+from transforms.timers import set_without_hold
 
 WindowKey = tuple[str, str]  # granularity, window_start (ISO, UTC)
 MetricKey = tuple[str, str]  # metric, dims
@@ -253,17 +254,24 @@ class EmitRetractionsFn(beam.DoFn):
         if held is None:
             return
         current = held.copy()
-        current.watermark_passed = True
-        if not current.finalized:
-            emitted_at = self._clock()
-            for key, last in list(current.last.items()):
-                if key in current.seen_on_time:
-                    continue
-                on_time = on_time_revision_of(last, emitted_at)
-                yield from self._replace(last, on_time)
-                current.last[key] = on_time
-                current.seen_on_time.add(key)
+        yield from self._pass_window_end(current)
         state.write(current)
+
+    def _pass_window_end(self, current: _WindowState) -> Iterable[schemas.ChangelogRow]:
+        """The watermark is past the window end: each key's value as of now, once, as
+        ON_TIME (unless the window is final already)."""
+        if current.watermark_passed or current.finalized:
+            current.watermark_passed = True
+            return
+        current.watermark_passed = True
+        emitted_at = self._clock()
+        for key, last in list(current.last.items()):
+            if key in current.seen_on_time:
+                continue
+            on_time = on_time_revision_of(last, emitted_at)
+            yield from self._replace(last, on_time)
+            current.last[key] = on_time
+            current.seen_on_time.add(key)
 
     @on_timer(HORIZON)
     def finalize(self, fired_at=beam.DoFn.TimestampParam,
@@ -275,7 +283,11 @@ class EmitRetractionsFn(beam.DoFn):
             return
         current = held.copy()
         if self._cleanup_after_s is not None:
-            cleanup_timer.set(fired_at + self._cleanup_after_s)
+            set_without_hold(cleanup_timer, fired_at + self._cleanup_after_s)
+        # A watermark that jumps past the window end and the horizon at once (a runner
+        # catching up, a bundle spanning both) fires both timers together, in no set
+        # order: the on-time step comes first whichever fired first.
+        yield from self._pass_window_end(current)
         emitted_at = self._clock()
         for key, last in list(current.last.items()):
             final = final_revision_of(last, emitted_at)
