@@ -5,10 +5,10 @@ then equals the oracle. Every window is final (the watermark passed every horizo
 the topic was drained), the changelog sums to the latest values, early, on-time and late
 panes all occurred, and every malformed line is a dead letter.
 
-The dataset has no events past the allowed lateness (too_late_rate=0): on this runner
-whether such an event is dropped depends on how far the dedup stage's expiry timers hold
-the watermark back (docs/streaming.md#too-late-events-on-flink), so the oracle could not
-say which of them the windows drop. Events hours and days late (inside the lateness)
+The dataset has no events past the allowed lateness (too_late_rate=0): the watermark is
+the minimum over partitions of the newest record time read, so which events land past
+it depends on how far each partition has been read, and no oracle independent of the
+run could say which of them the windows drop (docs/streaming.md#too-late-events-on-flink). Events hours and days late (inside the lateness)
 are there and make the late panes.
 
 The job runs in a child process (tests/kafka_flink_job.py) in a private network
