@@ -485,7 +485,7 @@ def kafka_streaming(args: argparse.Namespace, modes: Sequence[str], out_dir: Pat
         duration_s=args.duration_s, early_firing_s=args.early_firing_s,
         catch_up_cap_s=args.catch_up_s, poll_s=args.poll_s,
         duplicate_share=args.duplicate_share, burst_s=args.burst_s,
-        pipeline_args=args.pipeline_arg)
+        pipeline_args=args.pipeline_arg, sdk_workers=args.sdk_workers)
     say(f"Kafka → Flink streaming benchmark: rates {', '.join(f'{r:g}' for r in args.rates)}"
         f" events/s, parallelism {args.flink_parallelism}, runs {', '.join(modes)}; "
         f"{env['cpus']} CPUs, load {os.getloadavg()[0]:.1f}; results → {out_dir}")
@@ -497,7 +497,8 @@ def kafka_streaming(args: argparse.Namespace, modes: Sequence[str], out_dir: Pat
                             "duration_s": args.duration_s, "burst_s": args.burst_s,
                             "early_firing_s": args.early_firing_s,
                             "duplicate_share": args.duplicate_share, "poll_s": args.poll_s,
-                            "pipeline_args": args.pipeline_arg, "modes": list(modes)},
+                            "pipeline_args": args.pipeline_arg, "modes": list(modes),
+                            "sdk_workers": args.sdk_workers},
               "environment": env, "runs": runs}
     text = kafka.render_markdown(report)
     for name, body in (("results-streaming-kafka.json", json.dumps(report, indent=1)),
@@ -673,7 +674,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "the sink to show every event."),
             ("--poll-s", float, 1.0, "Seconds between reads of the DuckDB file."),
             ("--duplicate-share", float, 0.05, "Share of messages that resend an "
-                                               "earlier event_id.")):
+                                               "earlier event_id."),
+            ("--sdk-workers", int, 1, "Kafka: Python SDK harness processes: 1 runs them "
+                                      "in the job's process (LOOPBACK), N a worker pool "
+                                      "of N processes (EXTERNAL).")):
         stream.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args(argv)
 

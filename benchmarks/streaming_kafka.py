@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,9 @@ class KafkaStreamSettings:
     duplicate_share: float
     burst_s: float
     pipeline_args: Sequence[str] = ()
+    # 1: LOOPBACK, every Python stage in the job's own process (one GIL); N > 1: a worker
+    # pool (runners/flink_worker_pool.py) starting N SDK harness processes.
+    sdk_workers: int = 1
     warm_up_cap_s: float = 180.0
     startup_cap_s: float = 240.0
 
@@ -136,12 +139,14 @@ def children(pid: int, name: str = "java") -> list[int]:
 
 class Sampler(threading.Thread):
     """Every `every_s`: consumer lag per partition, CPU seconds and RSS of the job's
-    Python process and of its Java children."""
+    Python processes (its own, and a worker pool's harnesses) and of its Java children."""
 
-    def __init__(self, bootstrap: str, topic: str, job_pid: int, every_s: float) -> None:
+    def __init__(self, bootstrap: str, topic: str, job_pid: int, every_s: float,
+                 pool_pid: int | None = None) -> None:
         super().__init__(daemon=True)
         # Not _bootstrap: that name is Thread's own method.
         self.kafka_bootstrap, self.topic, self.job_pid = bootstrap, topic, job_pid
+        self.pool_pid = pool_pid
         self.every_s = every_s
         self.stop = threading.Event()
         self.samples: list[dict[str, Any]] = []
@@ -153,26 +158,55 @@ class Sampler(threading.Thread):
                 sample["lag"] = {p.partition: p.lag for p in consumer_lag(
                     self.kafka_bootstrap, self.topic, GROUP, timeout_s=5)}
             java = children(self.job_pid)
-            sample["python_cpu_s"] = cpu_s(self.job_pid)
-            sample["python_rss_mib"] = _proc_status_mib(self.job_pid)
+            python = [self.job_pid]
+            if self.pool_pid is not None:
+                python += [self.pool_pid, *children(self.pool_pid, "python")]
+            sample["python_cpu_s"] = sum(cpu_s(p) or 0.0 for p in python)
+            sample["python_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in python)
             sample["java_cpu_s"] = sum(cpu_s(p) or 0.0 for p in java)
             sample["java_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in java)
             self.samples.append(sample)
 
 
 def job_command(mode: str, bootstrap: str, topic: str, db: str, parallelism: int,
-                settings: KafkaStreamSettings, max_run_s: int) -> list[str]:
+                settings: KafkaStreamSettings, max_run_s: int,
+                pool_address: str | None = None) -> list[str]:
     from runners.flink import resolve_job_server_jar
 
+    environment = (["--environment_type=LOOPBACK"] if pool_address is None else
+                   ["--environment_type=EXTERNAL", f"--environment_config={pool_address}",
+                    f"--sdk_worker_parallelism={settings.sdk_workers}"])
     entry = (["-m", "pipeline.cli", "run"] if mode == "graph"
              else ["-m", "benchmarks.baseline"])
     return [sys.executable, *entry, *resolve_job_server_jar([
         "--kafka_bootstrap", bootstrap, "--kafka_topic", topic, "--kafka_group", GROUP,
         "--duckdb_path", db, "--early_firing_s", str(settings.early_firing_s),
         "--max_run_s", str(max_run_s), "--runner=FlinkRunner", "--flink_version=1.19",
-        "--flink_master=[local]", "--environment_type=LOOPBACK",
+        "--flink_master=[local]", *environment,
         f"--parallelism={parallelism}", "--checkpointing_interval=10000",
         *settings.pipeline_args])]
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, env: dict[str, str], log: Any
+                ) -> Iterator[tuple[str, int] | None]:
+    """With more than one SDK worker: a worker pool on 127.0.0.1 for the job's EXTERNAL
+    environment, yielding (address, pid), stopped after; with one: None (LOOPBACK)."""
+    if workers <= 1:
+        yield None
+        return
+    from runners.flink_session import free_port, wait_for_port
+    from tests.servers import stop_process
+
+    port = free_port()
+    pool = subprocess.Popen([sys.executable, "-m", "runners.flink_worker_pool", "--host",
+                             "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 30, lambda: pool.poll() is None)
+        yield f"127.0.0.1:{port}", pool.pid
+    finally:
+        stop_process(pool, timeout=30)
 
 
 def run_one(bootstrap: str, mode: str, parallelism: int, rate: float,
@@ -218,10 +252,11 @@ def _run_one(bootstrap: str, mode: str, parallelism: int, rate: float,
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    command = job_command(mode, bootstrap, topic, db, parallelism, settings, max_run_s)
     tail: list[str] = []
     started = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, worker_pool(settings.sdk_workers, env, log) as pool:
+        command = job_command(mode, bootstrap, topic, db, parallelism, settings, max_run_s,
+                              pool and pool[0])
         say(f"{prefix} starting the job (log: {log_path})")
         job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -230,7 +265,7 @@ def _run_one(bootstrap: str, mode: str, parallelism: int, rate: float,
                                                          watch), daemon=True)
         reader.start()
         poller = Poller(db, settings.poll_s)
-        sampler = Sampler(bootstrap, topic, job.pid, 2.0)
+        sampler = Sampler(bootstrap, topic, job.pid, 2.0, pool and pool[1])
         try:
             deadline = time.monotonic() + settings.startup_cap_s
             while not ready.is_set():
@@ -431,11 +466,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     from benchmarks.run import _title
 
     args = report["arguments"]
+    workers = args.get("sdk_workers", 1)
+    harness = ("LOOPBACK: the Python SDK harness in the job's process" if workers <= 1 else
+               f"a worker pool of {workers} Python SDK harness processes, EXTERNAL")
+    extra = " ".join(args.get("pipeline_args") or [])
     return "\n".join([
         *_title(report, "clickstream-beam streaming benchmark: Kafka → FlinkRunner"),
         f"`{report['arguments']['command']}`", "",
-        "One Kafka broker (scripts/kafka), the job on FlinkRunner `[local]` (LOOPBACK, "
-        "checkpoints every 10 s, offsets committed on completion) and the load generator "
+        "One Kafka broker (scripts/kafka), the job on FlinkRunner `[local]` "
+        f"({harness}; checkpoints every 10 s, offsets committed on completion"
+        f"{'; ' + extra if extra else ''}) and the load generator "
         "(`clickstream load`, constant rate, "
         f"{args['duplicate_share']:g} resent) all on this machine, in one network namespace; "
         f"{args['duration_s']:g} s of load per rate, the DuckDB sink read every "
@@ -448,7 +488,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "group's committed offset per partition (committed at checkpoints, so it trails "
         "by up to 10 s of input); *watermark lag* is the job's `watermark_lag_s` probe "
         "from its log; *CPU* is cores used (CPU-seconds per second) by the job's Python "
-        "process (driver + LOOPBACK SDK harness) and its Java children (job server with "
+        "processes (driver, SDK harnesses) and its Java children (job server with "
         "the embedded Flink, expansion service), and *events per job CPU-s* the sink rate "
         "per core those used together; *load 1m* is the machine's load average "
         "(others share it).", ""])
