@@ -46,8 +46,28 @@ def lag_stream() -> TestStream:
 LAG_SAMPLES = [(at(10, 10), CLOCK_S - at(10, 10)), (at(10, 30), CLOCK_S - at(10, 30))]
 
 
+def steady_stream() -> TestStream:
+    """Newer data always arrives before the watermark reaches the armed tick, as in any
+    steady stream whose watermark trails its newest events."""
+    return (TestStream()
+            .add_elements([batch(1, 7)])               # newest 10:07 → tick 10:10
+            .add_elements([batch(15)])                 # newer, the tick stays at 10:10
+            .advance_watermark_to(at(10, 11))          # sample 10:10, re-arm at 10:20
+            .add_elements([batch(25)])                 # newer, the tick stays at 10:20
+            .advance_watermark_to(at(10, 21))          # sample 10:20, re-arm at 10:30
+            .advance_watermark_to(at(10, 31))          # sample 10:30, nothing newer
+            .advance_watermark_to_infinity())          # no data since: no sample
+
+
+STEADY_SAMPLES = [(at(10, m), CLOCK_S - at(10, m)) for m in (10, 20, 30)]
+
+
 def test_lag_is_the_clock_minus_the_watermark_at_the_newest_event_time() -> None:
     assert samples(lag_stream()) == LAG_SAMPLES
+
+
+def test_a_steady_stream_is_sampled_each_time_the_watermark_crosses_a_period() -> None:
+    assert samples(steady_stream()) == STEADY_SAMPLES
 
 
 def test_the_job_reads_the_latest_lag_from_the_metrics() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, VarIntCoder
+from apache_beam.coders import BooleanCoder, TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
@@ -50,14 +50,17 @@ class ProbeWatermarkFn(beam.DoFn):
 
     The newest time, never an older one: a late element's time is behind the
     watermark, and a timer there would fire at once and report the element's lateness
-    instead. One timer at a time, moved forward by newer data (so the sample is taken
-    when the watermark reaches the newest data, at most one per period of event time),
-    and armed only by new data, so an idle or finished stream (watermark at infinity)
-    stops sampling instead of spinning.
+    instead. One timer at a time, left where it is while newer data arrives (a timer
+    moved forward with every newer element never fires under a steady stream, whose
+    newest data is always ahead of the watermark); when it fires it re-arms at the
+    newest time seen since, so a steady stream is sampled each time the watermark
+    crosses a period, and an idle or finished stream (watermark at infinity) stops
+    sampling instead of spinning.
     """
 
-    TICK_MS = ReadModifyWriteStateSpec("tick_ms", VarIntCoder())  # armed or last fired
-    ARMED = ReadModifyWriteStateSpec("armed", BooleanCoder())
+    # (armed, the armed or last fired tick, the newest event time seen), all ms
+    PROBE = ReadModifyWriteStateSpec(
+        "probe", TupleCoder((BooleanCoder(), VarIntCoder(), VarIntCoder())))
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
 
     def __init__(self, period_s: int, clock: Callable[[], float]) -> None:
@@ -66,25 +69,30 @@ class ProbeWatermarkFn(beam.DoFn):
         self._gauge = Metrics.gauge(METRICS_NAMESPACE, "watermark_lag_s")
         self._distribution = Metrics.distribution(METRICS_NAMESPACE, "watermark_lag_ms")
 
+    def _tick_at(self, event_ms: int) -> int:
+        return -(-event_ms // self._period_ms) * self._period_ms  # rounded up
+
     def process(self, keyed: tuple[str, int],
-                tick_ms=beam.DoFn.StateParam(TICK_MS),
-                armed=beam.DoFn.StateParam(ARMED),
+                probe=beam.DoFn.StateParam(PROBE),
                 tick=beam.DoFn.TimerParam(TICK)) -> None:
         _, newest_ms = keyed
-        at_ms = -(-newest_ms // self._period_ms) * self._period_ms  # rounded up
-        if armed.read():
-            if at_ms > (tick_ms.read() or 0):  # newer data: wait for the watermark there
-                tick.set(Timestamp(micros=at_ms * 1000))
-                tick_ms.write(at_ms)
-        elif at_ms > (tick_ms.read() or 0):  # not data the last sample already covered
-            tick.set(Timestamp(micros=at_ms * 1000))
-            tick_ms.write(at_ms)
-            armed.write(True)
+        armed, tick_ms, seen_ms = probe.read() or (False, 0, 0)
+        seen_ms = max(seen_ms, newest_ms)
+        if not armed and self._tick_at(seen_ms) > tick_ms:  # data no sample covered yet
+            tick_ms, armed = self._tick_at(seen_ms), True
+            tick.set(Timestamp(micros=tick_ms * 1000))
+        probe.write((armed, tick_ms, seen_ms))
 
     @on_timer(TICK)
     def sample(self, fired_at=beam.DoFn.TimestampParam,
-               armed=beam.DoFn.StateParam(ARMED)) -> Iterable[WatermarkLag]:
-        armed.write(False)
+               probe=beam.DoFn.StateParam(PROBE),
+               tick=beam.DoFn.TimerParam(TICK)) -> Iterable[WatermarkLag]:
+        _, tick_ms, seen_ms = probe.read() or (False, 0, 0)
+        armed = self._tick_at(seen_ms) > tick_ms  # newer data came meanwhile: next tick
+        if armed:
+            tick_ms = self._tick_at(seen_ms)
+            tick.set(Timestamp(micros=tick_ms * 1000))
+        probe.write((armed, tick_ms, seen_ms))
         now_s = self._clock()
         watermark_s = fired_at.micros / 1e6
         lag_s = max(0.0, now_s - watermark_s)
