@@ -153,6 +153,10 @@ def pubsub_emulator(timeout: float = 60.0) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
 
 
+_BIGQUERY_SERVER_MAIN = ("import sys; from local_bigquery.cli import main; "
+                         "sys.argv[0] = 'local-bigquery'; sys.exit(main())")
+
+
 def bigquery_server_python() -> Path:
     return BIGQUERY_SERVER_DIR / "venv" / "bin" / "python"
 
@@ -187,7 +191,10 @@ def bigquery_server(project: str = "local", timeout: float = 120.0,
                 tempfile.TemporaryDirectory(prefix="bigquery-data-"))
         os.makedirs(data_dir, exist_ok=True)
         env = dict(os.environ, HOME=str(BIGQUERY_SERVER_DIR / "home"))
-        cmd = [str(python.parent / "local-bigquery"), "serve", "--host", "127.0.0.1",
+        # Through the venv's python, not its console script: the script's shebang names
+        # the path the venv was installed through, and .cache/ is shared by worktrees
+        # (a symlink), so that path may be another worktree's, since removed.
+        cmd = [str(python), "-c", _BIGQUERY_SERVER_MAIN, "serve", "--host", "127.0.0.1",
                "--port", str(port), "--grpc-port", str(grpc_port), "--project", project,
                "--data-dir", data_dir]
         url = f"http://127.0.0.1:{port}/bigquery/v2/projects/{project}/datasets"

@@ -8,8 +8,8 @@ panes all occurred, and every malformed line is a dead letter.
 The dataset has no events past the allowed lateness (too_late_rate=0): the watermark is
 the minimum over partitions of the newest record time read, so which events land past
 it depends on how far each partition has been read, and no oracle independent of the
-run could say which of them the windows drop (docs/streaming.md#too-late-events-on-flink). Events hours and days late (inside the lateness)
-are there and make the late panes.
+run could say which of them the windows drop (docs/streaming.md#too-late-events-on-flink).
+Events hours and days late (inside the lateness) are there and make the late panes.
 
 The job runs in a child process (tests/kafka_flink_job.py) in a private network
 namespace with only loopback up (tests/test_runner_prism.py's isolation_prefix): the
