@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import UTC
+from typing import Any
 
 from pipeline.oracle import MetricKey
 from transforms.sink_duckdb import read_rows
@@ -12,6 +14,14 @@ def latest_from_duckdb(path: str) -> dict[MetricKey, int]:
     rows = read_rows(path, "SELECT metric, dims, granularity, window_start, value "
                            "FROM metric_latest")
     return {(m, d, g, w.astimezone(UTC).isoformat()): v for m, d, g, w, v in rows}
+
+
+def latest_by_key(rows: Iterable[Mapping[str, Any]]) -> dict[MetricKey, tuple[int, int]]:
+    """(value, revision) per key of the latest rows a store gives back (its ``read_held``
+    reader, pipeline/options.py): what stores must agree on, whatever their shape."""
+    return {(r["metric"], r["dims"], r["granularity"],
+             r["window_start"].astimezone(UTC).isoformat()): (r["value"], r["revision"])
+            for r in rows}
 
 
 def differences(actual: dict[MetricKey, int], expected: dict[MetricKey, int],
