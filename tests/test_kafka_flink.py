@@ -2,8 +2,8 @@
 arrival order (record timestamps = simulated arrival times) is read with ReadFromKafka,
 the run stops itself once the topic is drained (--stop_when_idle_s), and the DuckDB sink
 then equals the oracle. Every window is final (the watermark passed every horizon once
-the topic was drained), the changelog sums to the latest values, early, on-time and late
-panes all occurred, and every malformed line is a dead letter.
+the topic was drained), the changelog sums to the latest values, every key has EARLY
+revisions and exactly one ON_TIME, and every malformed line is a dead letter.
 
 The dataset has no events past the allowed lateness (too_late_rate=0): the watermark is
 the minimum over partitions of the newest record time read, so which events land past
@@ -70,6 +70,8 @@ def kafka_replay(tmp_path_factory) -> tuple[str, str, dict, str]:
                          "--early_firing_s", "1", "--late_firing_s", "1",
                          "--stop_when_idle_s", "10", "--max_run_s", "400"],
                         env, timeout_s=700)
+    # Kept beside the DuckDB file: a wrong count is diagnosed from the job's own log.
+    (tmp_path / "job.log").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return data, db, result, proc.stderr
@@ -92,13 +94,15 @@ def test_kafka_replay_on_flink_equals_the_oracle(kafka_replay) -> None:
     assert result["published"] == expected["read"]
 
 
-def test_kafka_replay_on_flink_gives_each_key_one_on_time_and_late_revisions(
-        kafka_replay) -> None:
+def test_kafka_replay_on_flink_gives_each_key_one_on_time_revision(kafka_replay) -> None:
     """Per window and key, in revision order: EARLY revisions, exactly one ON_TIME when
-    the changelog stage sees the watermark pass the window end, then LATE ones for
-    devices that sync later; the final mark repeats the timing it closes. Before the
-    watermark holds were lifted (docs/flink.md, finding 5) keys here went without an
-    ON_TIME revision."""
+    the changelog stage sees the watermark pass the window end, then LATE ones; the
+    final mark repeats the timing it closes. Before the watermark holds were lifted
+    (docs/flink.md, finding 5) keys here went without an ON_TIME revision. Whether a
+    late sync's pane comes after the stage saw the watermark pass (LATE) or before
+    (folded into the ON_TIME value) depends on how far the job reads ahead: the whole
+    replay is in the topic before the job starts, and runs here had LATE revisions in
+    one run of three."""
     _, db, _, _ = kafka_replay
     assert timing_violations(db, one_on_time=True) == []
-    assert timings_seen(db) == {"EARLY", "ON_TIME", "LATE"}
+    assert {"EARLY", "ON_TIME"} <= timings_seen(db)
