@@ -58,8 +58,8 @@ def build_prefix(p: Any, data_dir: str, duckdb_path: str, upto: int) -> None:
     events, dead_letters = payloads | "Parse" >> ParseEvents()
     last = events
     if "dedup" in stages:
-        last = unique = events | "Dedup" >> DeduplicateEvents(
-            config.allowed_lateness_s, DEFAULT_BUCKETS, bounded=True)
+        last = unique = (events | "Dedup" >> DeduplicateEvents(
+            config.allowed_lateness_s, DEFAULT_BUCKETS, bounded=True)).unique
     if "hot_keys" in stages:
         unique | "HotKeys" >> DetectHotKeys(HotKeyConfig())
     if "bot_policy" in stages:

@@ -97,7 +97,7 @@ def build_finalize(p: beam.Pipeline | beam.pvalue.PBegin, options: ClickstreamOp
         # The archive may hold an event twice: two runs over overlapping input, or a
         # too-late event redelivered after the stream's dedup state for the day expired.
         | "Dedup" >> DeduplicateEvents(config.allowed_lateness_s, options.dedup_buckets,
-                                       bounded=True))
+                                       bounded=True)).unique
     recomputed = (
         unique
         | "Metrics" >> ComputeMetrics(config)

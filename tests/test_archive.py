@@ -70,7 +70,7 @@ def run_batch(dataset: str, base: str, run_id: str) -> list:
         lines = p | beam.io.ReadFromText(os.path.join(dataset, "events-*.jsonl"),
                                          coder=BytesCoder())
         events, _ = lines | ParseEvents()
-        unique = events | DeduplicateEvents(LATENESS_S, 16, bounded=True)
+        unique = (events | DeduplicateEvents(LATENESS_S, 16, bounded=True)).unique
         unique | WriteRawArchive(base, run_id=run_id, buckets=4, bounded=True)
         (unique | CountTooLate(LATENESS_S, bounded=True)
          | beam.ParDo(Collect("batch_too_late")))
@@ -119,9 +119,12 @@ def replayed(tmp_path_factory) -> tuple[str, str, list[tuple]]:
     options.view_as(StandardOptions).streaming = True
     with beam.Pipeline(options=options) as p:
         events, _ = p | build_stream(records, STEP_S, LAG_S) | ParseEvents()
-        unique = events | DeduplicateEvents(LATENESS_S, 16)
-        unique | WriteRawArchive(base, run_id="s1", buckets=2)  # flushed every 60 s
-        (unique | CountTooLate(LATENESS_S)
+        # Wired as pipeline/graph.py wires them: events past the dedup horizon are
+        # archived and counted too late, never windowed.
+        unique, past_horizon = events | DeduplicateEvents(LATENESS_S, 16)
+        ((unique, past_horizon) | beam.Flatten()
+         | WriteRawArchive(base, run_id="s1", buckets=2))  # flushed every 60 s
+        ((unique, past_horizon) | CountTooLate(LATENESS_S)
          | beam.ParDo(Collect("archive_too_late")))
     return data, base, _COLLECTED.pop("archive_too_late", [])
 

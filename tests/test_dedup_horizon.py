@@ -103,3 +103,41 @@ def _copies_crossing(lines: list, granularity: str) -> int:
         ms = t if isinstance(t, int) else common_rfc3339_ms(t)
         windows.setdefault(record["event_id"], set()).add(ms // GRANULARITY_MS[granularity])
     return sum(len(w) > 1 for w in windows.values())
+
+
+def test_a_copy_after_its_day_is_forgotten_leaves_past_the_horizon_not_counted() -> None:
+    """Once the watermark passes a day's horizon, dedup forgets its ids. A copy that
+    comes after that (Kafka delivering a record again as the job drains) cannot be told
+    from a first copy, and its windows are closed: it and any other event of that day
+    leave on the past-horizon output (archived, counted too late), never among the first
+    copies, where its event-time stamp would be behind the watermark yet ahead of it in
+    the channel to the windows (on Flink they counted it twice)."""
+    from apache_beam.transforms.window import TimestampedValue
+
+    from tests.streaming import streaming_options
+    from transforms.dedup import DeduplicateEvents
+    from transforms.events import Event, EventBatch
+
+    def batch(event_id: str, t_s: float) -> TimestampedValue:
+        return TimestampedValue(
+            EventBatch([Event(event_id, "tap", round(t_s * 1000), "d", None, None, None,
+                              {})]), t_s)
+
+    horizon_s = at(0, 0, 1) + LATENESS_S  # the first day's end + allowed lateness
+    stream = (TestStream()
+              .add_elements([batch("a", at(10))])
+              .advance_processing_time(61)
+              .advance_watermark_to(horizon_s + 1)
+              .advance_processing_time(61)
+              .add_elements([batch("a", at(10)), batch("b", at(11))])
+              .add_elements([batch("c", at(10, 0, 1))])  # the next day: still remembered
+              .advance_watermark_to_infinity())
+    with beam.Pipeline(options=streaming_options()) as p:
+        # One bucket: what a bucket knows of the horizon comes from its own timers, and
+        # under real traffic every bucket holds every open day.
+        deduped = p | stream | DeduplicateEvents(LATENESS_S, buckets=1)
+        deduped.unique | "U" >> beam.ParDo(Collect("horizon-unique"))
+        deduped.past_horizon | "P" >> beam.ParDo(Collect("horizon-past"))
+    ids = {name: sorted(e.event_id for b in _COLLECTED.pop(name, []) for e in b)
+           for name in ("horizon-unique", "horizon-past")}
+    assert ids == {"horizon-unique": ["a", "c"], "horizon-past": ["a", "b"]}

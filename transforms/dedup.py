@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Iterable
-from typing import Any, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple only
+from typing import Any, NamedTuple, Tuple  # noqa: UP035 - Beam infers coders from typing.Tuple only
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -52,6 +52,7 @@ DAY_MS = GRANULARITY_MS["day"]
 # caches per bundle, so a bundle's fixed cost is about buckets × 5 ms. Raise it when a
 # bucket-day would hold more than a few hundred thousand ids.
 DEFAULT_BUCKETS = 32
+PAST_HORIZON = "past_horizon"  # the dedup's output of events whose day it forgot
 
 class SeenIds(dict, CacheAware):
     """UTC day index → the event_ids with a copy stamped that day.
@@ -67,6 +68,11 @@ class SeenIds(dict, CacheAware):
 
     BYTES_PER_ID = 100  # a 32-character str and its set slot
 
+    def __init__(self, days: Any = (), forgotten_through: int = -1) -> None:
+        super().__init__(days)
+        # The last day whose ids are forgotten: the watermark has passed its horizon.
+        self.forgotten_through = forgotten_through
+
     def get_referents_for_cache(self) -> list:
         return []
 
@@ -74,7 +80,7 @@ class SeenIds(dict, CacheAware):
         return dict.__sizeof__(self) + self.BYTES_PER_ID * sum(map(len, self.values()))
 
     def __reduce__(self):
-        return SeenIds, (dict(self),)
+        return SeenIds, (dict(self), self.forgotten_through)
 
 
 def id_bucket(event_id: str, buckets: int) -> int:
@@ -174,6 +180,13 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
     is remembered for at least the allowed lateness after the later of its copies'
     windows closes: a copy re-stamped across midnight is still a repeat.
 
+    An event of a day its bucket already forgot cannot be told from a repeat, and its
+    windows are past their horizon: it leaves on the PAST_HORIZON output (archived, counted as
+    too late), never on the main one. Re-stamped to its event time there, it would be
+    behind the watermark, yet ahead of it in the channel to the windows, which then
+    count it: a record Kafka delivered again as the job drained was counted twice that
+    way on Flink (docs/correctness.md#past-the-dedup-horizon).
+
     State is never changed in place: the value read may be the runner's cached,
     committed one, and a bundle that fails after the read is retried against it. Each
     firing writes a new SeenIds that shares the days it did not touch."""
@@ -184,6 +197,7 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
     def __init__(self, allowed_lateness_s: int) -> None:
         super().__init__()
         self._allowed_lateness_ms = allowed_lateness_s * 1000
+        self._past_horizon = Metrics.counter(METRICS_NAMESPACE, "past_dedup_horizon")
 
     def _horizon(self, day: int) -> Timestamp:
         """When the day's last window closes for good: day end + allowed lateness."""
@@ -195,11 +209,13 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
         input_value=beam.DoFn.WindowedValueParam,
         seen_state=beam.DoFn.StateParam(SEEN_IDS),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterable[WindowedValue]:
-        committed: SeenIds = seen_state.read() or SeenIds()
-        seen = SeenIds(committed)
+    ) -> Iterable[WindowedValue | beam.pvalue.TaggedOutput]:
+        held: SeenIds | None = seen_state.read()
+        committed = held if held is not None else SeenIds()  # an empty one keeps a marker
+        seen = SeenIds(committed, committed.forgotten_through)
         copied: set[int] = set()  # days whose id set this firing owns (copied)
         unique: list[Event] = []
+        past_horizon: list[Event] = []
         duplicates = 0
         for event in itertools.chain.from_iterable(map(decode_events, batch[1])):
             event_id, day = event.event_id, event.event_time_ms // DAY_MS
@@ -208,14 +224,21 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
                 duplicates += 1
                 if day <= max(days_held):
                     continue
+            elif day <= seen.forgotten_through:
+                past_horizon.append(event)
+                continue
             else:
                 unique.append(event)
             if day not in copied:
                 seen[day] = set(seen.get(day, ()))
                 copied.add(day)
             seen[day].add(event_id)
-        self._count(len(unique), duplicates)
+        self._count(len(unique) + len(past_horizon), duplicates)
         yield from _as_batch(unique, input_value.windows)
+        if past_horizon:
+            self._past_horizon.inc(len(past_horizon))
+            for batch_past in _as_batch(past_horizon, input_value.windows):
+                yield beam.pvalue.TaggedOutput(PAST_HORIZON, batch_past)
         if copied:
             seen_state.write(seen)
             if not committed or min(seen) < min(committed):
@@ -225,19 +248,30 @@ class DropRepeatedEventIdsFn(_DropRepeatsFn):
     def expire(self, fired_at=beam.DoFn.TimestampParam,
                seen_state=beam.DoFn.StateParam(SEEN_IDS),
                expiry=beam.DoFn.TimerParam(EXPIRY)) -> None:
-        seen: SeenIds = seen_state.read() or SeenIds()
-        kept = SeenIds(
-            (day, ids) for day, ids in seen.items() if self._horizon(day) > fired_at)
-        if not kept:
-            seen_state.clear()
-            return
+        held: SeenIds | None = seen_state.read()
+        seen = held if held is not None else SeenIds()
+        forgotten = [day for day in seen if self._horizon(day) <= fired_at]
+        kept = SeenIds(((day, ids) for day, ids in seen.items() if day not in forgotten),
+                       max([seen.forgotten_through, *forgotten]))
+        # Written even when no day is left: the marker outlives the ids, so a copy that
+        # comes after its day was forgotten is not taken for a first one.
         seen_state.write(kept)
-        set_without_hold(expiry, self._horizon(min(kept)))
+        if kept:
+            set_without_hold(expiry, self._horizon(min(kept)))
+
+
+class Deduplicated(NamedTuple):
+    """The dedup's outputs: first copies for the windows, and events of days it had
+    already forgotten (never repeats it knows; too late for every window they touch)."""
+
+    unique: beam.PCollection
+    past_horizon: beam.PCollection
 
 
 class DeduplicateEvents(beam.PTransform):
     """EventBatches → the first copy of each event_id, as EventBatches (each stamped
-    with its earliest event time; consumers read each event's own time).
+    with its earliest event time; consumers read each event's own time), and apart,
+    the events past the dedup horizon (streaming only; see DropRepeatedEventIdsFn).
 
     Events are batched per bucket (per bundle, then by a GroupByKey) before the stateful
     step, so state is read and written once per bucket per firing rather than once per
@@ -255,7 +289,7 @@ class DeduplicateEvents(beam.PTransform):
         self._buckets = buckets
         self._bounded = bounded
 
-    def expand(self, events: beam.PCollection) -> beam.PCollection:
+    def expand(self, events: beam.PCollection) -> Deduplicated:
         batches = events | "BatchByBucket" >> beam.ParDo(
             BatchByBucketFn(self._buckets)).with_output_types(Tuple[int, bytes])  # noqa: UP006
         # A bounded run groups each bucket once in the default windowing, which the batch
@@ -269,7 +303,11 @@ class DeduplicateEvents(beam.PTransform):
                 timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST)
         drop_repeats = (DropRepeatsInGroupFn() if self._bounded
                         else DropRepeatedEventIdsFn(self._allowed_lateness_s))
-        return (
+        outputs = (
             batches
             | "GroupPerBucket" >> beam.GroupByKey()
-            | "DropRepeats" >> beam.ParDo(drop_repeats).with_output_types(EventBatch))
+            | "DropRepeats" >> beam.ParDo(drop_repeats).with_outputs(
+                PAST_HORIZON, main="unique"))
+        for output in (outputs.unique, outputs[PAST_HORIZON]):
+            output.element_type = EventBatch
+        return Deduplicated(outputs.unique, outputs[PAST_HORIZON])

@@ -140,7 +140,9 @@ class ReconcileWindowFn(beam.DoFn):
 class CountTooLate(beam.PTransform):
     """Unique Events → TooLate rows per window (and `too_late.<granularity>` counters).
 
-    Apply it to the same PCollection the metrics window, with the same allowed lateness.
+    Apply it to the same PCollection the metrics window, with the same allowed lateness;
+    or to a pair (that PCollection, the dedup's past-horizon events), whose events the
+    windows never see, so all of them count as too late.
     """
 
     def __init__(self, allowed_lateness_s: int,
@@ -151,11 +153,18 @@ class CountTooLate(beam.PTransform):
         self._granularities = tuple(granularities)
         self._bounded = bounded
 
-    def expand(self, events: beam.PCollection) -> beam.PCollection:
+    def expand(self, inputs: beam.PCollection | tuple[beam.PCollection, beam.PCollection]
+               ) -> beam.PCollection:
+        events, past_horizon = inputs if isinstance(inputs, tuple) else (inputs, None)
         counts = events | "CountPerWindow" >> beam.ParDo(
             CountPerWindowFn(self._granularities)).with_output_types(
                 Tuple[WindowKey, int])  # noqa: UP006
-        seen = (counts
+        all_counts = counts
+        if past_horizon is not None:
+            all_counts = (counts, past_horizon | "CountPastHorizon" >> beam.ParDo(
+                CountPerWindowFn(self._granularities)).with_output_types(
+                    Tuple[WindowKey, int])) | "SeenAll" >> beam.Flatten()  # noqa: UP006
+        seen = (all_counts
                 | "SeenGlobal" >> beam.WindowInto(GlobalWindows())
                 | "AsSeen" >> beam.MapTuple(lambda key, n: (key, (n, 0))
                                             ).with_output_types(Tuple[WindowKey, SeenKept]))  # noqa: UP006
