@@ -70,34 +70,71 @@ def final_windows(duckdb_path: str) -> int:
         return -1
 
 
+# A streaming job over files that has written nothing this long after submission has
+# stalled (docs/flink.md, finding 6); a healthy one writes its first rows within ~10 s.
+STALL_S = 90
+
+
+def sink_rows(duckdb_path: str) -> int:
+    """Changelog and dead-letter rows in the sink; -1 while it cannot be read."""
+    from transforms import sink_duckdb
+
+    try:
+        with sink_duckdb._PROCESS_LOCK:
+            con = sink_duckdb.connect(duckdb_path)
+            try:
+                return sum(int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+                           for table in ("metric_changelog", "dead_letter"))
+            finally:
+                con.close()
+    except Exception:
+        return -1
+
+
 def run_streaming_over_files(argv: list[str], done_windows: int, timeout_s: float
-                             ) -> job.RunSummary:
+                             ) -> tuple[job.RunSummary, int]:
     """The bounded graph as a Flink streaming job; cancelled once every window is final
-    in the sink (the test knows how many from the oracle)."""
+    in the sink (the test knows how many from the oracle). A job that stalls before
+    writing anything is cancelled and submitted once more; returns the summary and the
+    number of stalled attempts."""
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
     clickstream = options.view_as(ClickstreamOptions)
     started = time.monotonic()
-    p = beam.Pipeline(options=options)
-    job.build(p, clickstream)
-    result = p.run()
-    deadline = started + timeout_s
-    seen = -1
-    while time.monotonic() < deadline:
-        seen = final_windows(clickstream.duckdb_path)
-        if seen >= done_windows:
-            break
+    for attempt in range(2):
+        p = beam.Pipeline(options=options)
+        job.build(p, clickstream)
+        submitted = time.monotonic()
+        result = p.run()
+        deadline = submitted + timeout_s
+        seen, stalled = -1, False
+        while time.monotonic() < deadline:
+            seen = final_windows(clickstream.duckdb_path)
+            if seen >= done_windows:
+                break
+            state = str(result.state)
+            if state in ("DONE", "FAILED", "CANCELLED"):
+                break
+            if (attempt == 0 and time.monotonic() - submitted > STALL_S
+                    and sink_rows(clickstream.duckdb_path) == 0):
+                stalled = True
+                break
+            time.sleep(2)
+        if stalled:
+            print(f"flink_job: nothing in the sink {STALL_S} s after submission (the stall "
+                  "of docs/flink.md, finding 6); cancelling and submitting again",
+                  file=sys.stderr, flush=True)
+            result.cancel()
+            continue
+        print(f"flink_job: {seen} of {done_windows} windows final after "
+              f"{time.monotonic() - started:.0f} s; cancelling", file=sys.stderr, flush=True)
         state = str(result.state)
-        if state in ("DONE", "FAILED", "CANCELLED"):
-            break
-        time.sleep(2)
-    print(f"flink_job: {seen} of {done_windows} windows final after "
-          f"{time.monotonic() - started:.0f} s; cancelling", file=sys.stderr, flush=True)
-    state = str(result.state)
-    if state not in ("DONE", "FAILED", "CANCELLED"):
-        result.cancel()
-        state = "CANCELLED"
-    return job.summarize(result, time.monotonic() - started, state, clickstream)
+        if state not in ("DONE", "FAILED", "CANCELLED"):
+            result.cancel()
+            state = "CANCELLED"
+        return (job.summarize(result, time.monotonic() - started, state, clickstream),
+                attempt)
+    raise AssertionError("unreachable: the second attempt never counts as stalled")
 
 
 def main(argv: list[str]) -> int:
@@ -106,6 +143,7 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     mode, rest = argv[0], argv[1:]
     started = time.monotonic()
+    stalled_attempts = 0
     if mode == "batch":
         summary = job.run(preset_args("flink", **NO_CHECKPOINTS) + rest, progress_every_s=30)
     elif mode == "replay":
@@ -115,11 +153,12 @@ def main(argv: list[str]) -> int:
     elif mode == "streaming":
         done = int(next(a for a in rest if a.startswith("--done_windows=")).split("=")[1])
         rest = [a for a in rest if not a.startswith("--done_windows=")]
-        summary = run_streaming_over_files(
-            [*preset_args("flink"), *rest], done, 600)
+        summary, stalled_attempts = run_streaming_over_files(
+            [*preset_args("flink"), *rest], done, 420)
     else:
         raise SystemExit(f"unknown mode {mode!r}: batch, streaming or replay")
     print(json.dumps({
+        "stalled_attempts": stalled_attempts,
         "counters": summary.counters,
         "counters_available": summary.counters_available,
         "sink": None if summary.sink is None else {

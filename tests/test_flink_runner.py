@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "flink_job.py"
 EVENTS = 3_000
 SEED = 5
-JOB_TIMEOUT_S = 600
+JOB_TIMEOUT_S = 660
 COUNT_KEYS = ("read", "unique", "duplicates", "dead_letter")
 
 
@@ -180,6 +180,10 @@ def test_flink_streaming_over_files_sink_equals_the_oracle(dataset: str,
                                                            streaming_run) -> None:
     summary, db = streaming_run
     assert summary["state"] == "CANCELLED"  # stopped by the test once every window was final
+    # At most one stalled submission (docs/flink.md, finding 6), and it says so.
+    assert summary["stalled_attempts"] <= 1
+    if summary["stalled_attempts"]:
+        print("\nFlink streaming over files: the first submission stalled (finding 6)")
     assert_sink_equals_oracle(dataset, db)
 
 
