@@ -50,24 +50,26 @@ NO_CHECKPOINTS: dict[str, object] = {
 
 
 
-
-
-def final_windows(duckdb_path: str) -> int:
-    """Final windows in the sink; -1 while it cannot be read. Opened read-write under
-    the sink's process lock: DuckDB refuses a read-only connection in a process that
-    also writes the file (LOOPBACK: the SDK worker is this process)."""
+def _sink_count(duckdb_path: str, sql: str) -> int:
+    """A count from the sink; -1 while it cannot be read. Opened read-write under the
+    sink's process lock: DuckDB refuses a read-only connection in a process that also
+    writes the file (LOOPBACK: the SDK worker is this process)."""
     from transforms import sink_duckdb
 
     try:
         with sink_duckdb._PROCESS_LOCK:
             con = sink_duckdb.connect(duckdb_path)
             try:
-                return int(con.execute("SELECT count(*) FROM metric_latest "
-                                       "WHERE is_final").fetchall()[0][0])
+                return int(con.execute(sql).fetchall()[0][0])
             finally:
                 con.close()
     except Exception:  # not created yet, or another writer holds the lock too long
         return -1
+
+
+def final_windows(duckdb_path: str) -> int:
+    """Final windows in the sink; -1 while it cannot be read."""
+    return _sink_count(duckdb_path, "SELECT count(*) FROM metric_latest WHERE is_final")
 
 
 # A streaming job over files that has written nothing this long after submission has
@@ -77,18 +79,8 @@ STALL_S = 90
 
 def sink_rows(duckdb_path: str) -> int:
     """Changelog and dead-letter rows in the sink; -1 while it cannot be read."""
-    from transforms import sink_duckdb
-
-    try:
-        with sink_duckdb._PROCESS_LOCK:
-            con = sink_duckdb.connect(duckdb_path)
-            try:
-                return sum(int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
-                           for table in ("metric_changelog", "dead_letter"))
-            finally:
-                con.close()
-    except Exception:
-        return -1
+    return _sink_count(duckdb_path, "SELECT (SELECT count(*) FROM metric_changelog) "
+                                    "+ (SELECT count(*) FROM dead_letter)")
 
 
 def run_streaming_over_files(argv: list[str], done_windows: int, timeout_s: float
