@@ -174,6 +174,34 @@ def test_kafka_flags_select_a_streaming_flink_run_that_checkpoints() -> None:
     assert options.get_all_options()["runner"] == "FlinkRunner"
 
 
+@pytest.mark.parametrize(("argv", "want"), [
+    ((), True),  # docs/flink.md, finding 7: outputs buffered in a snapshot came late
+    (("--no-finish_bundle_before_checkpointing",), False),
+    (("--finish_bundle_before_checkpointing",), True),
+])
+def test_streaming_flink_runs_finish_bundles_before_each_checkpoint(argv, want) -> None:
+    from runners.flink import FlinkCheckpointOptions
+
+    options = PipelineOptions(["--kafka_bootstrap", "127.0.0.1:1", "--kafka_topic", "t",
+                               *argv])
+    select_mode(options)
+    assert options.view_as(FlinkCheckpointOptions).finish_bundle_before_checkpointing is want
+    # What the job server receives: Java's FlinkPipelineOptions.finishBundleBeforeCheckpointing.
+    assert options.get_all_options(retain_unknown_options=True)[
+        "finish_bundle_before_checkpointing"] is want
+
+
+def test_bounded_and_direct_runs_leave_the_flink_bundle_option_alone() -> None:
+    from runners.flink import FlinkCheckpointOptions
+
+    for argv in (["--input_files", "x", "--runner", "FlinkRunner"],
+                 ["--input_subscription", "projects/p/subscriptions/s"]):
+        options = PipelineOptions(argv)
+        select_mode(options)
+        assert options.view_as(FlinkCheckpointOptions).finish_bundle_before_checkpointing \
+            is None
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (("--kafka_topic", "t"), "go together"),
     (("--kafka_bootstrap", "h:1"), "go together"),
