@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -37,7 +38,7 @@ def post(url: str, body: dict[str, Any]) -> Any:
         return json.load(resp)
 
 
-def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
+def inside(out: Path, rate: float, seconds: float, rescaled: int) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from pipeline.kafka import consumer_lag, ensure_topic
@@ -127,7 +128,7 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             jobs[0].wait(timeout=60)
         stop_process(jobs[0], timeout=30)
-        start_job(4, location)
+        start_job(rescaled, location)
         prom.wait_for("job 2 running", running_job, 300)
         mark("job2_running")
         load.join()
@@ -150,7 +151,7 @@ def inside(out: Path, rate: float, seconds: float) -> dict[str, Any]:
         restored = session.job_checkpoints(running_job() or "")["counts"].get("restored")
         return {"marks_s": marks, "sent": sent, "counted_in_sink": counted(),
                 "lag_at_alert": lag_at_alert, "savepoint": location,
-                "restored_checkpoints": restored, "parallelism": [1, 4],
+                "restored_checkpoints": restored, "parallelism": [1, rescaled],
                 "alert_to_caught_up_s": round(marks["caught_up"] - marks["alert_firing"], 1),
                 "rate": rate, "burst": "5x", "seconds": seconds,
                 "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()}
@@ -178,10 +179,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=600)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--parallelism", type=int, default=4,
+                        help="the restored job's parallelism (1: restart from the savepoint "
+                             "without rescaling)")
     parser.add_argument("--_inside", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._inside:
-        result = inside(Path(args._inside), args.rate, args.seconds)
+        result = inside(Path(args._inside), args.rate, args.seconds, args.parallelism)
         (Path(args._inside) / "rescale.json").write_text(json.dumps(result, indent=1))
         return 0
     import tempfile
@@ -190,6 +194,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rescale-") as tmp:
         done = subprocess.run(["unshare", "-n", sys.executable, "-m", "benchmarks.rescale",
                                "--rate", str(args.rate), "--seconds", str(args.seconds),
+                               "--parallelism", str(args.parallelism),
                                "--_inside", tmp], cwd=ROOT)
         if done.returncode != 0:
             for log in sorted(Path(tmp).glob("job-*.log")):
@@ -197,9 +202,20 @@ def main() -> int:
                       file=sys.stderr)
             return done.returncode
         result = json.loads((Path(tmp) / "rescale.json").read_text())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    date = time.strftime("%Y-%m-%d", time.gmtime())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        date = time.strftime("%Y-%m-%d", time.gmtime())
+        if result["sent"] != result["counted_in_sink"]:
+            # Kept for the diagnosis: the jobs' logs and the sink with its changelog.
+            kept = out / f"rescale-{date}-not-exact"
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.mkdir()
+            for name in ("rescale.duckdb", "job-1.log", "job-2.log"):
+                if (Path(tmp) / name).exists():
+                    shutil.copy(Path(tmp) / name, kept / name)
+            for log in (Path(tmp) / "session").rglob("*.log"):
+                shutil.copy(log, kept / f"flink-{log.name}")
+            print(f"not exact: logs and sink kept in {kept}", file=sys.stderr)
     (out / f"results-rescale-{date}.json").write_text(json.dumps(result, indent=1))
     (out / f"results-rescale-{date}.md").write_text(markdown(result))
     print(markdown(result))

@@ -324,6 +324,9 @@ def _flink_streaming_defaults(options: PipelineOptions) -> None:
     checkpoints = options.view_as(FlinkCheckpointOptions)
     if checkpoints.finish_bundle_before_checkpointing is None:
         checkpoints.finish_bundle_before_checkpointing = True
+    if checkpoints.savepoint_path:
+        log.info("starting from savepoint %s: its windows, dedup state and source "
+                 "positions", checkpoints.savepoint_path)
 
 
 def _kafka_defaults(options: PipelineOptions) -> None:

@@ -87,6 +87,20 @@ class FlinkCheckpointOptions(PipelineOptions):
             help="Do not delete externalized checkpoints on cancel.",
         )
         parser.add_argument(
+            "--savepoint_path",
+            default=None,
+            help="Start the job from this savepoint (or retained checkpoint): its state "
+                 "and source positions. Undeclared, the Python FlinkRunner drops it and "
+                 "the job starts empty.",
+        )
+        parser.add_argument(
+            "--allow_non_restored_state",
+            action="store_true",
+            default=None,
+            help="Start from a savepoint that holds state for steps no longer in the "
+                 "graph (that state is discarded).",
+        )
+        parser.add_argument(
             "--finish_bundle_before_checkpointing",
             action=argparse.BooleanOptionalAction,
             default=None,

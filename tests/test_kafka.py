@@ -191,6 +191,22 @@ def test_streaming_flink_runs_finish_bundles_before_each_checkpoint(argv, want) 
         "finish_bundle_before_checkpointing"] is want
 
 
+def test_a_savepoint_path_reaches_the_job_server() -> None:
+    """Beam's FlinkRunner (job-server mode) ships only declared options: an undeclared
+    --savepoint_path was dropped and the 'restored' job started empty, its windows
+    continuing from the stores' rows without the first job's counts."""
+    from apache_beam.runners.portability.flink_runner import FlinkRunner
+
+    options = PipelineOptions(["--kafka_bootstrap", "127.0.0.1:1", "--kafka_topic", "t",
+                               "--savepoint_path=file:/sp/savepoint-1",
+                               "--allow_non_restored_state"])
+    select_mode(options)
+    handle = FlinkRunner().create_job_service_handle(None, options)
+    shipped = options.get_all_options(retain_unknown_options=handle._retain_unknown_options)
+    assert shipped["savepoint_path"] == "file:/sp/savepoint-1"
+    assert shipped["allow_non_restored_state"] is True
+
+
 def test_bounded_and_direct_runs_leave_the_flink_bundle_option_alone() -> None:
     from runners.flink import FlinkCheckpointOptions
 
