@@ -113,9 +113,13 @@ def inside(out: Path, rate: float, seconds: float, rescaled: int) -> dict[str, A
         mark("alert_firing")
         lag_at_alert = lag()
         jid = running_job()
-        trigger = post(f"{session.rest_url}/jobs/{jid}/stop",
-                       {"drain": False,
-                        "targetDirectory": (out / "savepoints").resolve().as_uri()})
+        # A savepoint taken while the job runs, then the job cancelled: stop-with-savepoint
+        # stops Beam's source first, which sends the final watermark ahead of the
+        # savepoint barrier, so the savepoint held windows and dedup already flushed
+        # and cleared (docs/flink.md, finding 9).
+        trigger = post(f"{session.rest_url}/jobs/{jid}/savepoints",
+                       {"cancel-job": True,
+                        "target-directory": (out / "savepoints").resolve().as_uri()})
         status = prom.wait_for("the savepoint", lambda: (lambda s: s if s["status"]["id"]
                                                           == "COMPLETED" else None)(
             session.rest(f"/jobs/{jid}/savepoints/{trigger['request-id']}")), 300)
@@ -215,6 +219,9 @@ def main() -> int:
                     shutil.copy(Path(tmp) / name, kept / name)
             for log in (Path(tmp) / "session").rglob("*.log"):
                 shutil.copy(log, kept / f"flink-{log.name}")
+            for states in ("savepoints", "session/checkpoints"):
+                if (Path(tmp) / states).exists():
+                    shutil.copytree(Path(tmp) / states, kept / Path(states).name)
             print(f"not exact: logs and sink kept in {kept}", file=sys.stderr)
     (out / f"results-rescale-{date}.json").write_text(json.dumps(result, indent=1))
     (out / f"results-rescale-{date}.md").write_text(markdown(result))
