@@ -1,7 +1,8 @@
 """Rescale during a burst: the streaming job on a Flink session cluster at parallelism 1
-falls behind a 5x burst, the lag alert fires, the job is stopped with a savepoint and
-restarted from it at parallelism 4; measured: alert → savepoint → restarted → caught up,
-and the sink's counts against every unique event sent.
+falls behind a 5x burst, the lag alert fires, a savepoint of the running job is taken
+and the job cancelled, and it is restarted from the savepoint at parallelism 4
+(--parallelism); measured: alert → savepoint → restarted → caught up, and the sink's
+counts against every unique event sent.
 
     python -m benchmarks.rescale [--rate 600] [--seconds 60] [--out benchmarks/]
 
