@@ -4,7 +4,7 @@ and the job cancelled, and it is restarted from the savepoint at parallelism 4
 (--parallelism); measured: alert → savepoint → restarted → caught up, and the sink's
 counts against every unique event sent.
 
-    python -m benchmarks.rescale [--rate 600] [--seconds 60] [--out benchmarks/]
+    python -m benchmarks.rescale [--rate 2400] [--seconds 60] [--out benchmarks/]
 
 Runs itself inside `unshare -n` (the worker pool's SDK harnesses, the expansion service
 and Flink's reporter-free cluster stay on a private loopback); results go to
@@ -181,7 +181,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rate", type=float, default=600)
+    parser.add_argument("--rate", type=float, default=2400)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--parallelism", type=int, default=4,
