@@ -14,6 +14,7 @@ from transforms.metrics import ComputeMetrics, MetricsConfig
 from transforms.parse import ParseEvents
 from transforms.pseudonymize import PrivacyPolicy
 from transforms.retract import HeldRows, RetractingChangelog
+from transforms.stable_input import RequireStableInput
 
 
 class ClickstreamMetrics(beam.PTransform):
@@ -96,7 +97,13 @@ class ClickstreamMetrics(beam.PTransform):
 
 
 def write_to_sinks(outputs: tuple[beam.PCollection, beam.PCollection],
-                   sinks: Mapping[str, beam.PTransform]) -> None:
-    """(changelog rows, dead-letter rows) into every sink, each under its own label."""
+                   sinks: Mapping[str, beam.PTransform], stable_input: bool = False) -> None:
+    """(changelog rows, dead-letter rows) into every sink, each under its own label;
+    with ``stable_input``, only rows a completed checkpoint holds
+    (transforms/stable_input.py)."""
+    if stable_input:
+        changelog, dead_letters = outputs
+        outputs = (changelog | "StableChangelog" >> RequireStableInput(),
+                   dead_letters | "StableDeadLetters" >> RequireStableInput())
     for label, sink in sinks.items():
         outputs | label >> sink

@@ -244,7 +244,8 @@ def build(p: beam.Pipeline, options: ClickstreamOptions, *,
         # a bounded bundle spans many windows, where the sketch costs most.
         hot_keys=None if bounded else options.hot_key_detector(),
         bot_policy=options.bot_policy())
-    write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client))
+    write_to_sinks((changelog, dead_letters), options.sinks(bigquery_test_client),
+                   stable_input=bool(options.stable_sink_input))
 
 
 def held_at_launch(options: ClickstreamOptions, allowed_lateness_s: int, now: datetime,
@@ -314,7 +315,8 @@ def select_mode(options: PipelineOptions) -> bool:
 
 
 def _flink_streaming_defaults(options: PipelineOptions) -> None:
-    """Finish bundles before each checkpoint barrier unless told otherwise. Beam's
+    """Finish bundles before each checkpoint barrier, and let sinks write only what a
+    completed checkpoint holds, unless told otherwise. Beam's
     Flink operator otherwise finishes an open bundle inside the snapshot, buffers its
     outputs, and may emit a newer watermark first: those outputs then reach the windows
     behind it, and after a large watermark step (a drained topic's partitions jump to
@@ -324,6 +326,12 @@ def _flink_streaming_defaults(options: PipelineOptions) -> None:
     checkpoints = options.view_as(FlinkCheckpointOptions)
     if checkpoints.finish_bundle_before_checkpointing is None:
         checkpoints.finish_bundle_before_checkpointing = True
+    clickstream = options.view_as(ClickstreamOptions)
+    if clickstream.stable_sink_input is None:
+        # Flink refuses stable input without exactly-once checkpoints; without
+        # checkpoints a failed job restarts empty anyway (docs/flink.md, finding 10).
+        clickstream.stable_sink_input = bool(checkpoints.checkpointing_interval) and (
+            checkpoints.checkpointing_mode in (None, "EXACTLY_ONCE"))
     if checkpoints.savepoint_path:
         log.info("starting from savepoint %s: its windows, dedup state and source "
                  "positions", checkpoints.savepoint_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from collections.abc import Callable
@@ -83,6 +84,13 @@ class ClickstreamOptions(PipelineOptions):
         group.add_argument("--late_firing_s", type=int, default=60,
                            help="Processing-time delay that batches late data into one "
                                 "late pane (0: a pane per late bundle).")
+        group.add_argument("--stable_sink_input", action=argparse.BooleanOptionalAction,
+                           default=None,
+                           help="Sinks write only what a completed checkpoint holds, so a "
+                                "restarted job replays the rows the failed attempt wrote, "
+                                "never recomputed ones (Beam's RequiresStableInput; "
+                                "needs exactly-once checkpoints; streaming Flink runs with "
+                                "checkpoints default it on; docs/flink.md, finding 10).")
         group.add_argument("--funnel_steps", default=",".join(DEFAULT_FUNNEL),
                            help="Comma-separated event types of the funnel, in order.")
         group.add_argument("--events_dimensions", default="",

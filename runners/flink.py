@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.version import __version__ as BEAM_VERSION
 
 from runners import RUNNER_NAMES, OptionValue, render_args
+from runners.flink_session import JAVA17_OPTS
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 JAR_DIR = CACHE_DIR / "jars"
@@ -178,6 +179,7 @@ def resolve_job_server_jar(argv: list[str]) -> list[str]:
     """
     from apache_beam.options.pipeline_options import (
         FlinkRunnerOptions,
+        JobServerOptions,
         PortableOptions,
         StandardOptions,
     )
@@ -195,6 +197,11 @@ def resolve_job_server_jar(argv: list[str]) -> list[str]:
         flink.flink_version = DEFAULT_FLINK_VERSION
     version = str(flink.flink_version)
     given = flink.flink_job_server_jar
+    if not options.view_as(JobServerOptions).job_server_jvm_properties:
+        # The job server started here hosts the [local] cluster: it needs the JVM options
+        # a Flink cluster runs with on Java 17 (stable input's buffer is serialized by
+        # Kryo, which reflects into java.util).
+        argv += [f"--job_server_jvm_properties={opt}" for opt in JAVA17_OPTS.split()]
     if given and ("://" in given or Path(given).is_file()):
         return argv
     cached = job_server_jar_path(version)

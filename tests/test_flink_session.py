@@ -32,6 +32,7 @@ from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc
 
 from runners import flink
 from runners.flink_session import (
+    JAVA17_OPTS,
     FlinkSession,
     SessionError,
     Settings,
@@ -197,10 +198,13 @@ def test_flink_job_server_jar_resolution(tmp_path: Path, monkeypatch: pytest.Mon
     with_endpoint = [*argv, "--job_endpoint=127.0.0.1:8099"]
     assert flink.resolve_job_server_jar(with_endpoint) == with_endpoint
     jar.write_bytes(b"PK")
-    # No --flink_version: the project's (the jar's) is added, not Beam's default 2.2.
+    # No --flink_version: the project's (the jar's) is added, not Beam's default 2.2; the
+    # job server started here gets the JVM options of a Flink cluster on Java 17.
+    jvm = [f"--job_server_jvm_properties={opt}" for opt in JAVA17_OPTS.split()]
+    assert "--job_server_jvm_properties=--add-opens=java.base/java.util=ALL-UNNAMED" in jvm
     assert flink.resolve_job_server_jar(argv) == [
-        *argv, "--flink_version=1.19", f"--flink_job_server_jar={jar}"]
-    given = [*argv, "--flink_version=1.19"]
+        *argv, "--flink_version=1.19", *jvm, f"--flink_job_server_jar={jar}"]
+    given = [*argv, "--flink_version=1.19", "--job_server_jvm_properties=-Xmx2g"]
     assert flink.resolve_job_server_jar(given) == [*given, f"--flink_job_server_jar={jar}"]
     assert os.environ["FLINK_JOB_SERVER_JAR"] == str(jar)
 

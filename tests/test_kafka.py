@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections import Counter
 
+import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -242,3 +243,54 @@ def test_freshness_from_the_generators_progress() -> None:
     assert sustained({"rate": 100, "sink_events_per_s": 95, "lag_p95_s": 5})
     assert not sustained({"rate": 100, "sink_events_per_s": 80, "lag_p95_s": 5})
     assert not sustained({"rate": 100, "sink_events_per_s": 100, "lag_p95_s": 61})
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    ((), True),
+    (("--no-stable_sink_input",), False),
+    (("--checkpointing_mode=AT_LEAST_ONCE",), False),
+])
+def test_streaming_flink_runs_write_only_checkpointed_rows(argv, want) -> None:
+    """A restarted attempt recomputes panes with other contents than the failed one
+    wrote; the sinks see only what a completed checkpoint holds (docs/flink.md,
+    finding 10). Flink refuses stable input without exactly-once checkpoints."""
+    options = PipelineOptions(["--kafka_bootstrap", "127.0.0.1:1", "--kafka_topic", "t",
+                               *argv])
+    select_mode(options)
+    assert options.view_as(ClickstreamOptions).stable_sink_input is want
+
+
+class _RowsSink(beam.PTransform):
+    def expand(self, outputs):
+        changelog, dead_letters = outputs
+        changelog | "Changelog" >> beam.Map(str)
+        dead_letters | "DeadLetters" >> beam.Map(str)
+        return beam.pvalue.PDone(changelog.pipeline)
+
+
+def test_stable_input_reaches_the_runner_on_its_own_stage() -> None:
+    """The sink's input ParDo carries requires_stable_input in the proto the job server
+    gets, behind a Reshuffle: fused into the keyed changelog stage instead, Flink's
+    keyed stable-input buffer deadlocks on its state lock (docs/flink.md, finding 10)."""
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from pipeline.graph import write_to_sinks
+
+    p = beam.Pipeline()
+    rows = p | "Rows" >> beam.Create([1])
+    write_to_sinks((rows, p | "Dead" >> beam.Create([2])), {"Sink": _RowsSink()},
+                   stable_input=True)
+    proto = p.to_runner_api()
+    stable = {}
+    for tid, t in proto.components.transforms.items():
+        if t.spec.urn == common_urns.primitives.PAR_DO.urn:
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+            if payload.requires_stable_input:
+                stable[tid] = t
+    assert sorted(t.unique_name for t in stable.values()) == [
+        "StableChangelog/PassThrough", "StableDeadLetters/PassThrough"]
+    assert common_urns.requirements.REQUIRES_STABLE_INPUT.urn in proto.requirements
+    reshuffles = {t.unique_name for t in proto.components.transforms.values()
+                  if t.spec.urn == common_urns.composites.RESHUFFLE.urn}
+    assert {"StableChangelog/NewStage", "StableDeadLetters/NewStage"} <= reshuffles
