@@ -1,28 +1,31 @@
 #!/usr/bin/env python
-"""A session cluster loses a TaskManager under the running pipeline while it reads a
-Kafka topic; print what happened as JSON (last line).
+"""A session cluster loses a TaskManager under the running pipeline while it reads a Kafka
+topic; print what happened as JSON (last line).
 
 Not a pytest module: tests/test_flink_cluster.py runs it in a private network namespace
 (only loopback up: Beam's job server and the embedded services bind wide), so the
 broker, the cluster, the job server and the worker pool all live in that namespace.
 
     .venv/bin/python tests/flink_cluster_job.py --dir DIR --replay_dir DATA \
-        --windows N [--checkpoint_ms 2000] [--rate 400] [--kill] [job args...]
+        --windows N [--checkpoint_ms 2000] [--kill [--kill_delay_s S]] [job args...]
 
-Steps: a Kafka broker (``scripts/kafka``, a topic of 2 partitions); ``runners.flink_session``
-starts a JobManager and two TaskManagers (1 slot each) on 127.0.0.1 plus the project's
-loopback-only worker pool; ``clickstream run`` submits the graph as a streaming job on
-that topic (``--flink_master`` = the REST address, the EXTERNAL environment = that pool,
-parallelism 2, RocksDB, a checkpoint every ``--checkpoint_ms``), with the defaults of any
-streaming Flink run (bundles finished before each barrier, sinks fed only what a
-completed checkpoint holds), early and late panes every second. The replay is published
-at ``--rate`` records/s, each record stamped with its simulated arrival time, while the
-job runs. With ``--kill``: once a checkpoint has completed and the sink holds rows,
+Steps: a Kafka broker (``scripts/kafka``, a topic of 2 partitions);
+``runners.flink_session`` starts a JobManager and two TaskManagers (1 slot each) on
+127.0.0.1 plus the project's loopback-only worker pool; ``clickstream run`` submits the
+graph as a streaming job on that topic (``--flink_master`` = the REST address, the
+EXTERNAL environment = that pool, parallelism 2, RocksDB, a checkpoint every
+``--checkpoint_ms``), with the defaults of any streaming Flink run (bundles finished
+before each barrier, sinks fed only what a completed checkpoint holds), early and late
+panes every second. The replay is published first, each record stamped with its
+simulated arrival time: published while the job read, the reader would catch up between
+records, and a caught-up Kafka reader moves its watermark to the wall clock, past every
+replayed window (docs/streaming.md). With ``--kill``: once a checkpoint has completed,
+the sink holds rows and ``--kill_delay_s`` have passed since the latest checkpoint,
 TaskManager 2 is killed by PID (SIGKILL) and started again; the job restarts from the
-last completed checkpoint and re-reads the topic from that checkpoint's offsets. Then the
-job runs until the DuckDB sink holds ``--windows`` final windows (the drained topic's
-watermark passes every horizon), is cancelled, and the broker and cluster stopped.
-Arguments the harness does not know go to ``clickstream run``.
+last completed checkpoint and re-reads the topic from that checkpoint's offsets. Then
+the job runs until the DuckDB sink holds ``--windows`` final windows (the drained
+topic's watermark passes every horizon), is cancelled, and the broker and cluster
+stopped. Arguments the harness does not know go to ``clickstream run``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from pipeline.kafka import ensure_topic  # noqa: E402
-from pipeline.publish import PublishSummary, publish_to_kafka  # noqa: E402
+from pipeline.publish import publish_to_kafka  # noqa: E402
 from runners.flink_session import FlinkSession, Settings  # noqa: E402
 from tests.flink_job import final_windows, sink_rows  # noqa: E402
 from tests.servers import kafka_broker, stop_process  # noqa: E402
@@ -75,19 +77,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--replay_dir", required=True)
     parser.add_argument("--windows", type=int, required=True)
     parser.add_argument("--checkpoint_ms", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=400.0)
     parser.add_argument("--kill", action="store_true")
+    parser.add_argument("--kill_delay_s", type=float, default=0.0,
+                        help="Kill this long after the latest checkpoint completed: what "
+                             "the sink received meanwhile is recomputed after the restart.")
     parser.add_argument("--timeout_s", type=float, default=420)
     args, job_args = parser.parse_known_args(argv)
     run_dir = Path(args.dir)
     db = str(run_dir / "out.duckdb")
-    report: dict[str, Any] = {"checkpoint_interval_ms": args.checkpoint_ms,
-                              "publish_rate": args.rate}
+    report: dict[str, Any] = {"checkpoint_interval_ms": args.checkpoint_ms}
     session = FlinkSession(run_dir / "session")
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         bootstrap = stack.enter_context(kafka_broker())
         ensure_topic(bootstrap, TOPIC, partitions=2)
+        report["published"] = publish_to_kafka(bootstrap, TOPIC, args.replay_dir,
+                                               timestamps="arrival").published
         report["session_start_s"] = round(session.start(
             Settings(taskmanagers=2, slots=1, jm_memory="768m", tm_memory="1280m")), 1)
         stack.callback(lambda: report.update(stopped=session.stop(),
@@ -111,17 +116,21 @@ def main(argv: list[str]) -> int:
         report["job_id"] = job_id
         report["submit_to_running_s"] = round(time.monotonic() - submitted, 1)
         say(f"job {job_id} RUNNING after {report['submit_to_running_s']} s")
-        published: list[PublishSummary] = []
-        publisher = threading.Thread(target=lambda: published.append(publish_to_kafka(
-            bootstrap, TOPIC, args.replay_dir, rate=args.rate, timestamps="arrival")))
-        publisher.start()
         # The kill must land after the sink has rows that a restarted attempt recomputes.
         wait("a completed checkpoint and rows in the sink", lambda: session.job_checkpoints(
             job_id)["counts"]["completed"] and sink_rows(db) > 0, 180)
         if args.kill:
-            if not publisher.is_alive():
-                raise SystemExit("flink_cluster_job: the whole replay was published before "
-                                 "the kill: lower --rate or use a larger dataset")
+
+            def late_in_the_interval() -> bool:
+                last = session.job_checkpoints(job_id)["latest"]["completed"]
+                return bool(last) and (time.time() * 1000 - last["latest_ack_timestamp"]
+                                       >= args.kill_delay_s * 1000)
+
+            wait(f"{args.kill_delay_s} s since the latest completed checkpoint",
+                 late_in_the_interval, 120, every_s=0.2)
+            if final_windows(db) >= args.windows:
+                raise SystemExit("flink_cluster_job: every window was final before the "
+                                 "kill: use a larger dataset")
             last = session.job_checkpoints(job_id)["latest"]["completed"]
             report["last_checkpoint_before_kill"] = last["id"] if last else None
             report["sink_rows_before_kill"] = sink_rows(db)
@@ -154,10 +163,6 @@ def main(argv: list[str]) -> int:
             report["recovered_s"] = round(time.monotonic() - killed, 1)
             say(f"job RUNNING again from checkpoint {restore['id']}, "
                 f"{report['recovered_s']} s after the kill")
-        publisher.join()
-        if not published:
-            raise SystemExit("flink_cluster_job: publishing the replay failed (above)")
-        report["published"] = published[0].published
         wait(f"{args.windows} final windows in the sink",
              lambda: final_windows(db) >= args.windows, args.timeout_s, every_s=2)
         report["all_final_s"] = round(time.monotonic() - submitted, 1)
