@@ -9,10 +9,13 @@ serving setup starts `clickstream serve` as its own process on a free 127.0.0.1 
 - duckdb: the default (answers reused while the file is unchanged: see
   serving/stores.py's DuckDBStore);
 - duckdb --no_cache: every request opens the file (the cost when the job keeps writing);
-- bigtable: the emulator, read per request.
+- bigtable: the emulator, read per request;
+- bigtable-5s: the emulator, answers reused for up to 5 s (--max_staleness_s 5).
 
-Against each, a small async client (httpx) sends a fixed number of requests per endpoint
-at 1, 8 and 32 concurrent clients (after a warm-up): a 30-day daily series, an MAU
+Against each, a small keep-alive asyncio client (one connection per concurrent client,
+on uvloop; httpx cost more CPU per request than the server's cached answer) sends a
+fixed number of requests per endpoint at 1, 8 and 32 concurrent clients (after two
+warm-up requests on every connection): a 30-day daily series, an MAU
 (30-day union of daily sketches), a WAU, a day's funnel, and the health endpoint.
 Requests/s and p50/p99 latency per endpoint and concurrency go to
 benchmarks/results-serving-load-DATE.{json,md}, with the load average and CPU count (the
@@ -27,9 +30,12 @@ import asyncio
 import os
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import Any
+
+import uvloop
 
 from benchmarks.run import ROOT, say
 from benchmarks.serving_results import new_report, percentile, report_header, write_report
@@ -55,33 +61,74 @@ def endpoints(last: date) -> dict[str, tuple[str, dict[str, Any]]]:
     }
 
 
+class KeepAliveConnection:
+    """One HTTP/1.1 keep-alive connection that sends GETs and reads each answer (status
+    line, headers, a Content-Length body). A client this small keeps its own CPU off the
+    two cores the server also runs on, where httpx's per-request work is several times
+    the server's cached answer."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: bytes) -> int:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
+        assert self._reader is not None
+        self._writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + self._host.encode()
+                           + b"\r\n\r\n")
+        try:
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await self._reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close()
+            raise
+        return int(head[9:12])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
 async def load(url: str, path: str, params: dict[str, Any], requests: int,
                concurrency: int) -> dict[str, Any]:
-    import httpx
-
+    parsed = urllib.parse.urlsplit(url)
+    target = (path + "?" + urllib.parse.urlencode(params) if params else path).encode()
+    connections = [KeepAliveConnection(parsed.hostname or "127.0.0.1", parsed.port or 80)
+                   for _ in range(concurrency)]
     latencies: list[float] = []
     errors = 0
     remaining = requests
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        for _ in range(min(10, requests)):  # warm-up: connections, the server's imports
-            await client.get(path, params=params)
+    # Warm-up on every connection at once: connections open, the server's imports and
+    # first answer are done before anything is timed.
+    async def warm(connection: KeepAliveConnection) -> None:
+        for _ in range(2):
+            await connection.get(target)
 
-        async def worker() -> None:
-            nonlocal remaining, errors
-            while remaining > 0:
-                remaining -= 1
-                started = time.perf_counter()
-                try:
-                    response = await client.get(path, params=params)
-                    errors += response.status_code != 200
-                except httpx.TransportError:  # counted, and the run goes on
-                    errors += 1
-                latencies.append((time.perf_counter() - started) * 1000)
+    await asyncio.gather(*(warm(c) for c in connections))
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+    async def worker(connection: KeepAliveConnection) -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                errors += await connection.get(target) != 200
+            except (OSError, asyncio.IncompleteReadError):  # counted; the run goes on
+                errors += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in connections))
+    wall = time.perf_counter() - started
+    for c in connections:
+        c.close()
     return {"requests": len(latencies), "errors": errors,
             "requests_per_s": len(latencies) / wall,
             "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99)}
@@ -91,7 +138,7 @@ def measure(setup: str, url: str, last: date, requests: int) -> list[dict[str, A
     rows = []
     for name, (path, params) in endpoints(last).items():
         for concurrency in CONCURRENCY:
-            result = asyncio.run(load(url, path, params, requests, concurrency))
+            result = uvloop.run(load(url, path, params, requests, concurrency))
             rows.append({"setup": setup, "endpoint": name, "concurrency": concurrency,
                          "load_1m": round(os.getloadavg()[0], 2), **result})
             say(f"  {setup:16} {name:15} c={concurrency:<3} {result['requests_per_s']:7.1f} "
@@ -106,11 +153,14 @@ def markdown(report: dict[str, Any]) -> str:
         *report_header(report, "Serving under load: `clickstream serve` on 127.0.0.1"),
         f"{cfg['days']} generated days × {cfg['events_per_day']:,} events, one run of the "
         "job (`--distinct hll`) into DuckDB and the Bigtable emulator; `clickstream serve` "
-        "in its own process (uvicorn, one worker); an httpx async client on the same "
-        f"machine sends {cfg['requests']} requests per endpoint and concurrency after 10 "
-        "warm-up requests. *duckdb* reuses answers while the file is unchanged, *duckdb "
+        "in its own process (uvicorn, one worker, httptools and uvloop); a small "
+        "keep-alive asyncio client (uvloop) on the same machine sends "
+        f"{cfg['requests']} requests per endpoint and concurrency after two warm-up "
+        "requests on each connection. *duckdb* reuses answers while the file is unchanged, *duckdb "
         "(no cache)* opens the file per request, *bigtable* reads the emulator per "
-        f"request. Goal: p99 < {GOAL_P99_MS:.0f} ms for the 30-day series and the MAU.",
+        "request, *bigtable-5s* reuses an answer for up to 5 s "
+        f"(`--max_staleness_s 5`). Goal: p99 < {GOAL_P99_MS:.0f} ms for the 30-day series "
+        "and the MAU.",
         "",
         "| setup | endpoint | clients | req/s | p50 ms | p99 ms | errors | goal | load 1m |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
@@ -135,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events_per_day", type=int, default=1500)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--setups", nargs="+", default=["duckdb", "duckdb-no-cache",
-                                                        "bigtable"])
+                                                        "bigtable", "bigtable-5s"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args(argv)
     report = new_report("benchmarks.serving_load", argv, {
@@ -159,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert summary.reconciles
         connection = {"duckdb": ["--duckdb_path", db],
                       "duckdb-no-cache": ["--duckdb_path", db, "--no_cache"],
-                      "bigtable": ["--from", "bigtable", *bigtable]}
+                      "bigtable": ["--from", "bigtable", *bigtable],
+                      "bigtable-5s": ["--from", "bigtable", *bigtable,
+                                      "--max_staleness_s", "5"]}
         for setup in args.setups:
             say(f"serving over {setup}")
             with clickstream_serve(*connection[setup]) as url:

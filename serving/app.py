@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
+from time import monotonic
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
@@ -50,6 +51,9 @@ class ServeConfig:
     archive_path: str = ""  # the raw archive, for mode=exact
     metrics_url: str = ""  # the job's Prometheus text endpoint, for health
     refresh_s: int = 30  # the dashboard's auto-refresh period
+    # A store that cannot tell cheaply whether its data changed (Bigtable, BigQuery):
+    # reuse an answer for up to this many seconds (0: read per request).
+    max_staleness_s: float = 0.0
 
 
 class BadRequest(Exception):
@@ -109,6 +113,20 @@ def point_state(row: dict[str, Any]) -> str:
     return "late" if row["timing"] in ("LATE", schemas.BATCH_TIMING) else "open"
 
 
+def data_version(store: Store, max_staleness_s: float) -> Callable[[], Hashable | None]:
+    """The version answers are kept under: the store's own where it has one; otherwise,
+    with a staleness allowed, the current period of that length (an answer is reused
+    until the period ends, so it is at most that old plus the time to compute it)."""
+    if max_staleness_s <= 0:
+        return store.data_version
+
+    def version() -> Hashable | None:
+        own = store.data_version()
+        return own if own is not None else ("period", int(monotonic() // max_staleness_s))
+
+    return version
+
+
 def create_app(store: Store, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     app = FastAPI(
@@ -124,7 +142,8 @@ def create_app(store: Store, config: ServeConfig | None = None) -> FastAPI:
         mode = parse_qs(query_string.decode("latin-1")).get("mode", [config.distinct])[-1]
         return mode == "exact"
 
-    app.add_middleware(ResponseCache, version=store.data_version, reads_elsewhere=reads_archive)
+    app.add_middleware(ResponseCache, version=data_version(store, config.max_staleness_s),
+                       reads_elsewhere=reads_archive)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_cache", action="store_true",
                         help="DuckDB: open the file for every read instead of reusing "
                         "answers while the file is unchanged (benchmarks)")
+    parser.add_argument("--max_staleness_s", type=float, default=0.0,
+                        help="Bigtable/BigQuery, which cannot tell cheaply whether the data "
+                        "changed: reuse an answer for up to this many seconds (default 0: "
+                        "read per request). Values change at most once per pane "
+                        "(--early_firing_s, 60 s by default), so a few seconds cost a "
+                        "dashboard nothing and spare the store its viewers' refreshes.")
     add_bigquery_arguments(parser)
 
 
@@ -45,7 +51,8 @@ def serve(args: argparse.Namespace, settings: Mapping[str, str]) -> None:
                                     "cache": "0" if args.no_cache else "1"})
     app = create_app(store, ServeConfig(
         distinct=args.distinct, archive_path=args.archive_path,
-        metrics_url=args.metrics_url, refresh_s=args.refresh_s))
+        metrics_url=args.metrics_url, refresh_s=args.refresh_s,
+        max_staleness_s=args.max_staleness_s))
     # Bound here, not by uvicorn, so --port 0 can print the port the OS gave.
     sock = socket.create_server((args.host, args.port))
     # Accepted connections inherit it: without it, a keep-alive client waits ~40 ms for

@@ -284,3 +284,46 @@ def test_answers_are_reused_only_while_the_file_is_unchanged(served, tmp_path) -
     assert (now["value"], now["revision"], now["state"]) == (
         new_value, first["revision"] + 1, "late")
     assert get(api, "/api/uniques", days=DAYS)["value"] > mau
+
+
+class _CountingStore(DuckDBStore):
+    """A DuckDB store that, like Bigtable and BigQuery, cannot tell its data version."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, cache=False)
+        self.reads = 0
+
+    def data_version(self):
+        return None
+
+    def series(self, *args, **kwargs):
+        self.reads += 1
+        return super().series(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("max_staleness_s", "reads"), [(0, 3), (3600, 1)])
+def test_a_store_without_a_version_reuses_answers_only_within_the_staleness_allowed(
+        served, max_staleness_s, reads) -> None:  # noqa: F811
+    store = _CountingStore(served.db)
+    api = TestClient(create_app(store, ServeConfig(max_staleness_s=max_staleness_s)))
+    params = {"metric": "active_users", "granularity": "day", "start": LAST_DAY.isoformat()}
+    answers = [get(api, "/api/series", **params) for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
+    assert store.reads == reads
+
+
+def test_the_staleness_period_ends(served, monkeypatch) -> None:  # noqa: F811
+    from serving import app as app_module
+
+    now = [1000.0]
+    monkeypatch.setattr(app_module, "monotonic", lambda: now[0])
+    store = _CountingStore(served.db)
+    api = TestClient(create_app(store, ServeConfig(max_staleness_s=5)))
+    params = {"metric": "active_users", "granularity": "day", "start": LAST_DAY.isoformat()}
+    get(api, "/api/series", **params)
+    now[0] += 4.9
+    get(api, "/api/series", **params)
+    assert store.reads == 1
+    now[0] += 0.2  # past the 5 s period the first answer was kept in
+    get(api, "/api/series", **params)
+    assert store.reads == 2
