@@ -39,7 +39,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC, GROUP = "events", "clickstream-state-size"
 CHECKPOINT_MS = 5000
-DEDUP_VERTEX = "Dedup/GroupPerBucket"
+# The fused stage whose root is the dedup's stateful DoFn: its keyed state is the ids
+# (the "Dedup/GroupPerBucket" vertex before it only groups a bundle's ids per bucket).
+DEDUP_STAGE = "{Dedup"
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -98,7 +100,7 @@ def inside(out: Path, steps: int, step_events: int, rate: float) -> dict[str, An
         jid = wait("the job running", lambda: [j["jid"] for j in session.jobs()
                                                 if j["state"] == "RUNNING"], 300)[0]
         vertices = {v["id"]: v["name"] for v in session.rest(f"/jobs/{jid}")["vertices"]}
-        dedup = [vid for vid, name in vertices.items() if DEDUP_VERTEX in name]
+        dedup = [vid for vid, name in vertices.items() if DEDUP_STAGE in name]
         unique = 0
         for step in range(1, steps + 1):
             loaded = run_load(LoadConfig(bootstrap, TOPIC, rate=rate,
@@ -116,11 +118,13 @@ def inside(out: Path, steps: int, step_events: int, rate: float) -> dict[str, An
             checkpoint = wait("a checkpoint after the step", newer_checkpoint, 120)
             details = session.rest(f"/jobs/{jid}/checkpoints/details/{checkpoint['id']}")
             dedup_bytes = sum(details["tasks"][vid]["state_size"] for vid in dedup)
+            by_vertex = {vertices[vid]: task["state_size"]
+                         for vid, task in details["tasks"].items() if task["state_size"]}
             row = {"step": step, "unique_events": unique, "checkpoint_id": checkpoint["id"],
                    "checkpoint_bytes": checkpoint["state_size"],
                    "checkpoint_dedup_bytes": dedup_bytes,
                    "rocksdb_local_bytes": rocksdb_bytes(out / "session"),
-                   "load_1m": round(os.getloadavg()[0], 2)}
+                   "load_1m": round(os.getloadavg()[0], 2), "by_vertex": by_vertex}
             rows.append(row)
             logging.info("state_size: %s", row)
     return {"rows": rows, "steps": steps, "step_events": step_events, "rate": rate,
