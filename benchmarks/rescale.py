@@ -27,6 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.isolated import run_inside_private_network
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC, GROUP = "events", "clickstream-rescale"
 ALERT = "ClickstreamConsumerLagGrowing"
@@ -195,17 +197,15 @@ def main() -> int:
         return 0
     import tempfile
 
-    subprocess.run([str(ROOT / "scripts" / "kafka"), "prepare"], check=True)
     with tempfile.TemporaryDirectory(prefix="rescale-") as tmp:
-        done = subprocess.run(["unshare", "-n", sys.executable, "-m", "benchmarks.rescale",
-                               "--rate", str(args.rate), "--seconds", str(args.seconds),
-                               "--parallelism", str(args.parallelism),
-                               "--_inside", tmp], cwd=ROOT)
-        if done.returncode != 0:
+        returncode = run_inside_private_network("benchmarks.rescale", [
+            "--rate", str(args.rate), "--seconds", str(args.seconds),
+            "--parallelism", str(args.parallelism)], tmp)
+        if returncode != 0:
             for log in sorted(Path(tmp).glob("job-*.log")):
                 print(f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:],
                       file=sys.stderr)
-            return done.returncode
+            return returncode
         result = json.loads((Path(tmp) / "rescale.json").read_text())
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.isolated import run_inside_private_network
+
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC, GROUP = "events", "clickstream-state-size"
 CHECKPOINT_MS = 5000
@@ -175,17 +177,15 @@ def main() -> int:
         result = inside(Path(args._inside), args.steps, args.step_events, args.rate)
         (Path(args._inside) / "state_size.json").write_text(json.dumps(result, indent=1))
         return 0
-    subprocess.run([str(ROOT / "scripts" / "kafka"), "prepare"], check=True)
     with tempfile.TemporaryDirectory(prefix="state-size-") as tmp:
-        done = subprocess.run(["unshare", "-n", sys.executable, "-m", "benchmarks.state_size",
-                               "--steps", str(args.steps), "--step_events",
-                               str(args.step_events), "--rate", str(args.rate),
-                               "--_inside", tmp], cwd=ROOT)
-        if done.returncode != 0:
+        returncode = run_inside_private_network("benchmarks.state_size", [
+            "--steps", str(args.steps), "--step_events", str(args.step_events),
+            "--rate", str(args.rate)], tmp)
+        if returncode != 0:
             log = Path(tmp) / "job.log"
             if log.exists():
                 print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            return done.returncode
+            return returncode
         result = json.loads((Path(tmp) / "state_size.json").read_text())
     result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     result["fit"] = fit(result)
