@@ -28,11 +28,11 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,6 @@ CHECKPOINT_MS = 5000
 # The fused stage whose root is the dedup's stateful DoFn: its keyed state is the ids
 # (the "Dedup/GroupPerBucket" vertex before it only groups a bundle's ids per bucket).
 DEDUP_STAGE = "{Dedup"
-
-
-def slope(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares (slope, intercept) of ys over xs."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return b, my - b * mx
 
 
 def rocksdb_bytes(session_dir: Path) -> int:
@@ -138,7 +129,7 @@ def fit(result: dict[str, Any]) -> dict[str, Any]:
     xs = [r["unique_events"] for r in result["rows"]]
     fits = {}
     for column in ("checkpoint_bytes", "checkpoint_dedup_bytes", "rocksdb_local_bytes"):
-        b, a = slope(xs, [r[column] for r in result["rows"]])
+        b, a = statistics.linear_regression(xs, [r[column] for r in result["rows"]])
         fits[column] = {"bytes_per_unique_event": round(b, 1), "fixed_bytes": round(a)}
     return fits
 

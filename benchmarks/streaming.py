@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,12 +126,10 @@ def sink_rate(samples: Sequence[tuple[float, int]], start_s: float,
     inside = [(t, n) for t, n in samples if start_s <= t <= end_s]
     if len(inside) < 2:
         return None
-    mean_t = sum(t for t, _ in inside) / len(inside)
-    mean_n = sum(n for _, n in inside) / len(inside)
-    spread = sum((t - mean_t) ** 2 for t, _ in inside)
-    if spread == 0:
+    times = [t for t, _ in inside]
+    if len(set(times)) < 2:
         return None
-    return sum((t - mean_t) * (n - mean_n) for t, n in inside) / spread
+    return statistics.linear_regression(times, [n for _, n in inside]).slope
 
 
 def expected_windows(unique_event_ms: Sequence[int]) -> dict[tuple[str, int], int]:
