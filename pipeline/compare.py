@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.oracle import MetricKey
@@ -65,24 +65,37 @@ def windows_not_final(path: str) -> int:
 _TIMING_RANK = {"EARLY": 0, "ON_TIME": 1, "LATE": 2}
 
 
-def timing_violations(path: str, one_on_time: bool = False) -> list[tuple]:
+def timing_violations(path: str, one_on_time: bool = False,
+                      require_final: bool = True) -> list[tuple]:
     """Windows and keys whose revisions break the timing rules (docs/correctness.md):
     EARLY ones, at most one ON_TIME (exactly one with ``one_on_time``), then LATE ones,
-    and a final mark, last, repeating the timing it closes. Returns (key, timings)."""
+    and a final mark, last, repeating the timing it closes (``require_final=False``: a
+    window still open, its horizon not yet passed, may lack it). Returns (key, timings)."""
     rows = read_rows(path, """
         SELECT metric, dims, granularity, window_start, list(timing ORDER BY revision),
                list(is_final ORDER BY revision)
         FROM metric_changelog WHERE sign > 0 GROUP BY ALL""")
     bad = []
     for *key, timings, finals in rows:
-        body = timings[:-1]
+        closed = finals[-1]
+        body = timings[:-1] if closed else timings
         ranks = [_TIMING_RANK[t] for t in body]
         on_time = body.count("ON_TIME")
-        if (not finals[-1] or any(finals[:-1]) or ranks != sorted(ranks)
-                or timings[-1] != (body[-1] if body else None)
+        if ((require_final and not closed) or any(finals[:-1]) or ranks != sorted(ranks)
+                or (closed and timings[-1] != (body[-1] if body else None))
                 or on_time > 1 or (one_on_time and on_time != 1)):
             bad.append((tuple(key), timings))
     return bad
+
+
+def timings_by_key(path: str) -> dict[MetricKey, tuple[datetime, list[str]]]:
+    """(window end, timings in revision order) per key, from the changelog."""
+    rows = read_rows(path, """
+        SELECT metric, dims, granularity, window_start, window_end,
+               list(timing ORDER BY revision)
+        FROM metric_changelog WHERE sign > 0 GROUP BY ALL""")
+    return {(m, d, g, w.astimezone(UTC).isoformat()): (end, timings)
+            for m, d, g, w, end, timings in rows}
 
 
 def timings_seen(path: str) -> set[str]:

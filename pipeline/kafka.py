@@ -45,7 +45,10 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = DEFAULT_PARTITION
                  timeout_s: float = 30.0) -> None:
     """Create `topic` if missing, with time-based retention off: a replay stamps records
     with simulated arrival times days old, and Kafka's time retention deletes by record
-    timestamp, so the records would vanish minutes after they were published."""
+    timestamp, so the records would vanish minutes after they were published. Records
+    stamped ahead of the broker's clock are accepted too: a simulated day placed on the
+    wall clock has arrivals still to come, and Kafka 4 refuses records more than an
+    hour ahead by default (message.timestamp.after.max.ms)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -54,7 +57,9 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = DEFAULT_PARTITION
         return
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions,
                                             replication_factor=1,
-                                            config={"retention.ms": "-1"})])
+                                            config={"retention.ms": "-1",
+                                                    "message.timestamp.after.max.ms":
+                                                        str(2**63 - 1)})])
     try:
         futures[topic].result(timeout=timeout_s)
     except KafkaException as exc:

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -50,6 +50,10 @@ class PublishSummary:
     with_event_time: int
     elapsed_s: float
     kafka_timestamps: str = ""  # Kafka: what the record timestamps are ("arrival", "now")
+    # Kafka: the newest record timestamp each partition took. The job's source watermark
+    # (minimum over partitions of the newest CreateTime read) reaches at least the
+    # smallest of them once it has read everything published.
+    newest_by_partition: dict[int, int] = field(default_factory=dict)
 
     def render(self) -> str:
         rate = self.published / self.elapsed_s if self.elapsed_s else 0.0
@@ -149,23 +153,32 @@ def identity_key(payload: bytes) -> bytes | None:
 
 def publish_to_kafka(bootstrap: str, topic: str, replay_dir: str, limit: int = 0,
                      rate: float = 0.0, timestamps: str = "arrival",
-                     clock: Callable[[], float] = time.time) -> PublishSummary:
+                     clock: Callable[[], float] = time.time,
+                     arrived: tuple[int, int | None] = (0, None)) -> PublishSummary:
     """Produce the dataset's lines to `topic` in arrival order (module docstring); `rate`
-    records/s (0: as fast as the client batches them); `timestamps` "arrival" or "now".
-    Creates the topic if missing (time retention off). Returns once the broker has
-    acknowledged every record; raises if it refused any."""
+    records/s (0: as fast as the client batches them); `timestamps` "arrival" or "now";
+    `arrived` (from_ms, until_ms): only the lines whose simulated arrival is in that
+    half-open range (a replay published in parts, e.g. a day and then the late syncs
+    that follow it; None: no end). Creates the topic if missing (time retention off).
+    Returns once the broker has acknowledged every record; raises if it refused any."""
     from pipeline.kafka import ensure_topic, producer
 
     if timestamps not in ("arrival", "now"):
         raise ValueError(f"timestamps must be 'arrival' or 'now', not {timestamps!r}")
-    records = read_arrivals(replay_dir, limit)
+    since_ms, until_ms = arrived
+    records = [(arrival_ms, payload) for arrival_ms, payload in read_arrivals(replay_dir, limit)
+               if arrival_ms >= since_ms and (until_ms is None or arrival_ms < until_ms)]
     ensure_topic(bootstrap, topic)
     client = producer(bootstrap)
     failures: list[str] = []
+    newest: dict[int, int] = {}
 
-    def delivered(error: Any, _message: Any) -> None:
+    def delivered(error: Any, message: Any) -> None:
         if error is not None:
             failures.append(str(error))
+            return
+        _kind, stamp = message.timestamp()
+        newest[message.partition()] = max(stamp, newest.get(message.partition(), stamp))
 
     started = time.monotonic()
     for i, (arrival_ms, payload) in enumerate(records):
@@ -189,7 +202,8 @@ def publish_to_kafka(bootstrap: str, topic: str, replay_dir: str, limit: int = 0
         raise RuntimeError(f"Kafka did not take {left + len(failures):,} of "
                            f"{len(records):,} records: {failures[:3]}")
     return PublishSummary(len(records), len(records), time.monotonic() - started,
-                          "simulated arrival" if timestamps == "arrival" else "send")
+                          "simulated arrival" if timestamps == "arrival" else "send",
+                          newest)
 
 
 def main(argv: Sequence[str]) -> int:
