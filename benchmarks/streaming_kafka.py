@@ -122,19 +122,24 @@ def sustained(run: dict[str, Any]) -> bool:
 # --- processes -------------------------------------------------------------------------
 
 def children(pid: int, name: str = "java") -> list[int]:
-    """PIDs of the `name` processes whose parent is `pid` (Linux /proc)."""
-    found = []
+    """PIDs of the processes below `pid` (children, theirs, ...) whose command name
+    starts with `name` (python, python3.11, ...), from Linux /proc."""
+    parents: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 comm, rest = f.read().rsplit(")", 1)
-            if int(rest.split()[1]) == pid and comm.endswith(f"({name}"):
-                found.append(int(entry))
+            parents[int(entry)] = (int(rest.split()[1]), comm.split("(", 1)[1])
         except (OSError, ValueError, IndexError):
             continue
-    return found
+    below, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, (parent, _) in parents.items()
+                    if parent in frontier and child not in below}
+        below |= frontier
+    return sorted(child for child in below if parents[child][1].startswith(name))
 
 
 class Sampler(threading.Thread):
@@ -150,6 +155,18 @@ class Sampler(threading.Thread):
         self.every_s = every_s
         self.stop = threading.Event()
         self.samples: list[dict[str, Any]] = []
+        # The newest CPU seconds read per process: a worker pool's harnesses come and
+        # go, and a process that exited keeps the CPU it had used (less its last
+        # interval), so the totals never go backwards.
+        self._cpu_by_pid: dict[str, dict[int, float]] = {"python": {}, "java": {}}
+
+    def _cpu_total(self, kind: str, pids: list[int]) -> float:
+        seen = self._cpu_by_pid[kind]
+        for pid in pids:
+            used = cpu_s(pid)
+            if used is not None:
+                seen[pid] = max(used, seen.get(pid, 0.0))
+        return sum(seen.values())
 
     def run(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -161,9 +178,9 @@ class Sampler(threading.Thread):
             python = [self.job_pid]
             if self.pool_pid is not None:
                 python += [self.pool_pid, *children(self.pool_pid, "python")]
-            sample["python_cpu_s"] = sum(cpu_s(p) or 0.0 for p in python)
+            sample["python_cpu_s"] = self._cpu_total("python", python)
             sample["python_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in python)
-            sample["java_cpu_s"] = sum(cpu_s(p) or 0.0 for p in java)
+            sample["java_cpu_s"] = self._cpu_total("java", java)
             sample["java_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in java)
             self.samples.append(sample)
 
