@@ -105,14 +105,14 @@ def kafka_replay(tmp_path_factory) -> tuple[str, str, dict, str]:
 
 @pytest.fixture(scope="module")
 def late_syncs(tmp_path_factory) -> tuple[str, str, dict, int]:
-    """Today's traffic published up to a cut (12 h into the day, or 10 minutes ahead of
+    """Today's traffic published up to a cut (18 h into the day, or 10 minutes ahead of
     the wall clock if that is later), then the rest; (data, DuckDB, the child's JSON,
     the cut in epoch ms)."""
     now = datetime.now(UTC)
     # Just after midnight, today's latest events would be more than 24 h ahead.
     day = (now - timedelta(minutes=30)).date()
     day_start = datetime.combine(day, datetime.min.time(), UTC)
-    cut = max(day_start + timedelta(hours=12), now + timedelta(minutes=10))
+    cut = max(day_start + timedelta(hours=18), now + timedelta(minutes=10))
     cut_ms = int(cut.timestamp() * 1000)
     data, db, result, _ = replay_on_flink(
         tmp_path_factory.mktemp("late_syncs"),
