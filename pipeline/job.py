@@ -315,13 +315,17 @@ def select_mode(options: PipelineOptions) -> bool:
 
 
 def _flink_streaming_defaults(options: PipelineOptions) -> None:
-    """Finish bundles before each checkpoint barrier, and let sinks write only what a
-    completed checkpoint holds, unless told otherwise. Beam's
-    Flink operator otherwise finishes an open bundle inside the snapshot, buffers its
-    outputs, and may emit a newer watermark first: those outputs then reach the windows
-    behind it, and after a large watermark step (a drained topic's partitions jump to
-    the wall clock) past the allowed lateness, dropped (docs/flink.md, finding 7)."""
-    from runners.flink import FlinkCheckpointOptions
+    """Finish bundles before each checkpoint barrier, let sinks write only what a
+    completed checkpoint holds, and keep checkpoints in RocksDB on disk, unless told
+    otherwise. Beam's Flink operator otherwise finishes an open bundle inside the
+    snapshot, buffers its outputs, and may emit a newer watermark first: those outputs
+    then reach the windows behind it, and after a large watermark step (a drained
+    topic's partitions jump to the wall clock) past the allowed lateness, dropped
+    (docs/flink.md, finding 7). Flink's own default checkpoint storage is the JobManager's
+    memory, which refuses any operator state over 5 MB: the dedup ids of a few hundred
+    thousand events, after which every checkpoint fails and the job restarts in a loop
+    (docs/flink.md, finding 11)."""
+    from runners.flink import CHECKPOINT_DIR, FlinkCheckpointOptions
 
     checkpoints = options.view_as(FlinkCheckpointOptions)
     if checkpoints.finish_bundle_before_checkpointing is None:
@@ -332,6 +336,13 @@ def _flink_streaming_defaults(options: PipelineOptions) -> None:
         # checkpoints a failed job restarts empty anyway (docs/flink.md, finding 10).
         clickstream.stable_sink_input = bool(checkpoints.checkpointing_interval) and (
             checkpoints.checkpointing_mode in (None, "EXACTLY_ONCE"))
+    if checkpoints.checkpointing_interval and not checkpoints.state_backend_storage_path:
+        if checkpoints.state_backend is None:
+            checkpoints.state_backend = "rocksdb"
+        checkpoints.state_backend_storage_path = CHECKPOINT_DIR.as_uri()
+        log.info("checkpoints: %s state, stored in %s (a local directory: give "
+                 "--state_backend_storage_path a shared one for a cluster)",
+                 checkpoints.state_backend, CHECKPOINT_DIR)
     if checkpoints.savepoint_path:
         log.info("starting from savepoint %s: its windows, dedup state and source "
                  "positions", checkpoints.savepoint_path)

@@ -27,6 +27,8 @@ from runners.flink_session import JAVA17_OPTS
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache"
 JAR_DIR = CACHE_DIR / "jars"
+# Where a streaming run on this machine keeps its checkpoints unless told otherwise.
+CHECKPOINT_DIR = CACHE_DIR / "flink-checkpoints"
 # Where scripts/fetch_flink_jobserver has ../shared/flink-jobserver build the jar.
 KIT_JAR_DIR = CACHE_DIR / "flink-jobserver"
 # The Flink the job server embeds and the session cluster runs (runners/flink_session.py
@@ -226,7 +228,7 @@ def preset_args(**overrides: object) -> list[str]:
         or DEFAULT_FLINK_VERSION
     )
     jar = str(job_server_jar_path(flink_version))
-    checkpoint_dir = JAR_DIR.parent / "flink-checkpoints"
+    checkpoint_dir = CHECKPOINT_DIR
     defaults: dict[str, OptionValue] = {
         "runner": "FlinkRunner",
         # [local]: embedded Flink in the job server; give host:port for a session cluster.

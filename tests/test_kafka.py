@@ -20,6 +20,7 @@ from pipeline.options import ClickstreamOptions
 from pipeline.publish import identity_key
 from pipeline.publish import main as publish_main
 from pipeline.replay import read_arrivals
+from runners.flink import CHECKPOINT_DIR, FlinkCheckpointOptions
 from tests import servers
 from tests.fixtures_servers import kafka_broker  # noqa: F401
 
@@ -258,6 +259,23 @@ def test_streaming_flink_runs_write_only_checkpointed_rows(argv, want) -> None:
                                *argv])
     select_mode(options)
     assert options.view_as(ClickstreamOptions).stable_sink_input is want
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], ("rocksdb", CHECKPOINT_DIR.as_uri())),
+    (["--state_backend=filesystem"], ("filesystem", CHECKPOINT_DIR.as_uri())),
+    (["--state_backend_storage_path=file:///shared/cp"], (None, "file:///shared/cp")),
+])
+def test_streaming_flink_runs_keep_checkpoints_on_disk(argv, want) -> None:
+    """Flink's default checkpoint storage (the JobManager's memory) refuses operator
+    state over 5 MB, and the job then restarts in a loop once dedup holds a few hundred
+    thousand ids (docs/flink.md, finding 11): a checkpointing run gets RocksDB state in
+    a local directory unless told otherwise."""
+    options = PipelineOptions(["--kafka_bootstrap", "127.0.0.1:1", "--kafka_topic", "t",
+                               *argv])
+    select_mode(options)
+    checkpoints = options.view_as(FlinkCheckpointOptions)
+    assert (checkpoints.state_backend, checkpoints.state_backend_storage_path) == want
 
 
 class _RowsSink(beam.PTransform):
