@@ -35,7 +35,7 @@ from apache_beam.runners.runner import PipelineResult, PipelineRunner, PipelineS
 import runners
 from pipeline import job
 from pipeline.job import build, select_mode
-from pipeline.options import ClickstreamOptions
+from pipeline.options import ClickstreamOptions, PrivacyOptions
 from transforms.retract import held_by_window
 from transforms.sources import _SUBSCRIPTION as SUBSCRIPTION_PATH
 
@@ -62,8 +62,13 @@ class Template:
 
 FLINK_ONLY = ("Flink's checkpoint-gated sink input; Dataflow commits a stage's outputs "
               "with its state, so a retried bundle never writes other rows")
-# One template per mode, as Google's own templates do. Everything ClickstreamOptions
-# declares is a parameter of a template unless listed here.
+# A template's workers have neither the launcher's files nor an environment it sets.
+KEY_ON_WORKERS = {
+    "pseudonymize_key_file": "a file each worker reads; use pseudonymize_key_secret",
+    "pseudonymize_key_env": "the workers' environment; use pseudonymize_key_secret",
+}
+# One template per mode, as Google's own templates do. Everything ClickstreamOptions and
+# PrivacyOptions declare is a parameter of a template unless listed here.
 BOUNDED = Template(TEMPLATES / "metadata.json", streaming=False, input="input_files",
                    left_out={
     "input_subscription": "the streaming template's input",
@@ -73,6 +78,7 @@ BOUNDED = Template(TEMPLATES / "metadata.json", streaming=False, input="input_fi
     "late_firing_s": "a bounded job emits one on-time pane per window",
     "max_run_s": "`clickstream run` cancels itself; the launcher returns at submission",
     "stable_sink_input": FLINK_ONLY,
+    **KEY_ON_WORKERS,
 })
 STREAMING = Template(TEMPLATES / "metadata-streaming.json", streaming=True,
                      input="input_subscription", left_out={
@@ -80,6 +86,7 @@ STREAMING = Template(TEMPLATES / "metadata-streaming.json", streaming=True,
     "duckdb_path": "a file on each worker's disk; the launcher turns DuckDB off there",
     "max_run_s": "`clickstream run` cancels itself; the launcher returns at submission",
     "stable_sink_input": FLINK_ONLY,
+    **KEY_ON_WORKERS,
 })
 ALL_TEMPLATES = [BOUNDED, STREAMING]
 each_template = pytest.mark.parametrize("template", ALL_TEMPLATES, ids=str)
@@ -93,10 +100,15 @@ PARAMETER_KEYS = {"name", "label", "helpText", "isOptional", "regexes", "paramTy
                   "enumOptions", "defaultValue", "isHiddenUi"}
 
 
+JOB_OPTIONS = (ClickstreamOptions, PrivacyOptions)
+
+
 def clickstream_actions() -> dict[str, argparse.Action]:
-    """Every option ClickstreamOptions declares, by dest, read from argparse itself."""
+    """Every option the job's own options classes declare, by dest, read from argparse
+    itself."""
     parser = argparse.ArgumentParser(add_help=False)
-    ClickstreamOptions._add_argparse_args(parser)
+    for options in JOB_OPTIONS:
+        options._add_argparse_args(parser)
     return {action.dest: action for action in parser._actions}
 
 
@@ -138,10 +150,10 @@ def test_metadata_parameters_are_exactly_the_clickstream_options(template):
         assert f"--{name}" in actions[name].option_strings
 
 
-def test_only_max_run_s_and_flink_options_are_left_out_of_both_templates():
+def test_only_max_run_s_flink_and_worker_key_options_are_left_out_of_both_templates():
     # The launcher returns once the job is submitted, so nothing would apply max_run_s.
-    assert set(BOUNDED.left_out) & set(STREAMING.left_out) == {"max_run_s",
-                                                               "stable_sink_input"}
+    assert set(BOUNDED.left_out) & set(STREAMING.left_out) == {
+        "max_run_s", "stable_sink_input", *KEY_ON_WORKERS}
 
 
 def test_parameters_of_both_templates_take_the_same_values():
@@ -257,8 +269,9 @@ def test_each_option_default_validates_against_its_metadata_regexes(template):
         default = actions[name].default
         assert full_match(param, str(default)), (name, default)
         # And the value the launcher would get back parses to the same default.
-        parsed = PipelineOptions([f"--{name}={default}"]).view_as(ClickstreamOptions)
-        assert getattr(parsed, name) == default, name
+        given = PipelineOptions([f"--{name}={default}"])
+        assert any(getattr(given.view_as(options), name, object()) == default
+                   for options in JOB_OPTIONS), name
 
 
 # --- (c) the launcher submits and returns: a fake stands in for Dataflow -------------------
