@@ -5,11 +5,14 @@ The SDK harness (Prism, Flink, Dataflow) caches decoded state across bundles and
 not invalidate it when a bundle fails (sdk_worker discards the bundle processor only),
 so a DoFn that changes the value it read in place leaks uncommitted ids or rows into
 the retry. No runner here both retries bundles and keeps such a cache: the FnApiRunner
-does not retry (apache/beam#18640), Prism fails the job (apache/beam#27887), and the
-BundleBasedDirectRunner, which retries a bundle up to 4 times, decodes state afresh on
-every read. So these tests run the BundleBasedDirectRunner's real retries with a fake
-state cache in its ReadModifyWriteState (the same decoded object for the same committed
-bytes, as the SDK's cache does), and a DoFn that raises once after reading its state.
+does not retry (apache/beam#18640), Prism fails the job (apache/beam#27887), Flink
+restarts the failed task from its checkpoint with new operators whose state handlers
+draw new cache tokens (a random UUID each: StateRequestHandlers.createCacheToken in
+Beam's runners-java-fn-execution), and the BundleBasedDirectRunner, which retries a
+bundle up to 4 times, decodes state afresh on every read. So these tests run the
+BundleBasedDirectRunner's real retries with a fake state cache in its
+ReadModifyWriteState (the same decoded object for the same committed bytes, as the
+SDK's cache does), and a DoFn that raises once after reading its state.
 """
 
 from __future__ import annotations
