@@ -43,6 +43,7 @@ from benchmarks.baseline import DEDUP_INPUT_COUNTER, build_baseline
 from pipeline import compare, job, oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.options import ClickstreamOptions
+from runners.flink import use_job_server_tmpdir
 from transforms.sink_duckdb import read_rows
 
 log = logging.getLogger("clickstream.bench")
@@ -143,6 +144,7 @@ def run_baseline(argv: Sequence[str], progress_every_s: float) -> job.RunSummary
     """pipeline.job.run, with the baseline graph."""
     options = PipelineOptions(list(argv))
     options.view_as(StandardOptions).streaming = False
+    use_job_server_tmpdir(options)
     started = time.monotonic()
     p = beam.Pipeline(options=options)
     build_baseline(p, options.view_as(ClickstreamOptions))

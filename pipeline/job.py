@@ -309,6 +309,9 @@ def select_mode(options: PipelineOptions) -> bool:
         _kafka_defaults(options)
     elif streaming and not standard.runner:
         standard.runner = "BundleBasedDirectRunner"
+    from runners.flink import use_job_server_tmpdir
+
+    use_job_server_tmpdir(options)
     if streaming and "flink" in str(standard.runner).lower():
         _flink_streaming_defaults(options)
     return streaming

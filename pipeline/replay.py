@@ -25,6 +25,7 @@ from apache_beam.transforms.window import TimestampedValue
 from pipeline.graph import ClickstreamMetrics, write_to_sinks
 from pipeline.job import RunSummary, counters_of, explain_sink_failures
 from pipeline.options import ClickstreamOptions
+from runners.flink import use_job_server_tmpdir
 
 
 class ReplayOptions(PipelineOptions):
@@ -91,6 +92,7 @@ def run_replay(argv: Sequence[str]) -> RunSummary:
     options.view_as(StandardOptions).streaming = True
     if "--runner" not in " ".join(argv):
         options.view_as(StandardOptions).runner = "BundleBasedDirectRunner"
+    use_job_server_tmpdir(options)
     replay = options.view_as(ReplayOptions)
     if not replay.replay_dir:
         raise SystemExit("--replay_dir is required (a directory written by "

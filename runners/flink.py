@@ -16,7 +16,10 @@ imported they are parsed and shipped to the job server, which maps
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -35,6 +38,9 @@ KIT_JAR_DIR = CACHE_DIR / "flink-jobserver"
 # pins its patch release). 1.19 is in Beam 2.77's published list (1.19 ... 2.2) and the
 # only Flink the kit's job server is built for; Beam's own default (2.2) would not match.
 DEFAULT_FLINK_VERSION = "1.19"
+# Names the temporary directory each process gives the job servers it starts, with the
+# process id after it: java.io.tmpdir of the embedded ([local]) Flink.
+JOB_SERVER_TMP_PREFIX = "clickstream-flink-jobserver-"
 
 
 class FlinkCheckpointOptions(PipelineOptions):
@@ -133,6 +139,71 @@ class FlinkCheckpointOptions(PipelineOptions):
             default=None,
             help="Task restarts before the job fails (-1: Flink's configured default).",
         )
+
+
+_job_server_tmpdir: Path | None = None
+
+
+def job_server_tmpdir() -> Path:
+    """This process's temporary directory for the Flink job servers it starts, removed
+    when the process exits (and, if it was killed, by the next process that asks).
+
+    The embedded Flink of a ``[local]`` job server puts a ``minicluster_*`` working
+    directory, RocksDB's local databases included (about 140 MB for a streaming job), in
+    java.io.tmpdir, and Beam stops the job server in a way that leaves it there: a test
+    suite that runs Flink jobs filled the disk (docs/flink.md, finding 12). Beam registers
+    the job server's own stop at exit after this, so it runs first."""
+    global _job_server_tmpdir
+    if _job_server_tmpdir is None:
+        root = Path(tempfile.gettempdir())
+        remove_orphaned_job_server_tmpdirs(root)
+        _job_server_tmpdir = Path(tempfile.mkdtemp(
+            prefix=f"{JOB_SERVER_TMP_PREFIX}{os.getpid()}-", dir=root))
+        atexit.register(shutil.rmtree, _job_server_tmpdir, True)
+    return _job_server_tmpdir
+
+
+def remove_orphaned_job_server_tmpdirs(root: Path) -> list[Path]:
+    """Remove the job server temporary directories whose process is gone; return them."""
+    removed = []
+    for path in root.glob(f"{JOB_SERVER_TMP_PREFIX}*"):
+        pid = path.name[len(JOB_SERVER_TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def use_job_server_tmpdir(options: PipelineOptions) -> None:
+    """Point the java.io.tmpdir of the job server Beam starts for a FlinkRunner run at
+    ``job_server_tmpdir()``, unless the run names one or uses a running job server.
+    Other runners' options are left as they are."""
+    from apache_beam.options.pipeline_options import (
+        JobServerOptions,
+        PortableOptions,
+        StandardOptions,
+    )
+
+    runner = str(options.view_as(StandardOptions).runner or "")
+    if RUNNER_NAMES.get(runner.strip().lower()) != "flink":
+        return
+    if options.view_as(PortableOptions).job_endpoint:
+        return
+    jvm = options.view_as(JobServerOptions)
+    properties = list(jvm.job_server_jvm_properties or [])
+    if not any(p.startswith("-Djava.io.tmpdir=") for p in properties):
+        jvm.job_server_jvm_properties = [
+            *properties, f"-Djava.io.tmpdir={job_server_tmpdir()}"]
 
 
 def job_server_jar(flink_version: str = DEFAULT_FLINK_VERSION) -> Path:

@@ -39,6 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import job  # noqa: E402
 from pipeline.options import ClickstreamOptions  # noqa: E402
 from runners import preset_args  # noqa: E402
+from runners.flink import job_server_tmpdir, use_job_server_tmpdir  # noqa: E402
 
 # Bounded [local] runs need no checkpoints or RocksDB; the streaming mode sets its own.
 NO_CHECKPOINTS: dict[str, object] = {
@@ -91,6 +92,7 @@ def run_streaming_over_files(argv: list[str], done_windows: int, timeout_s: floa
     number of stalled attempts."""
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
+    use_job_server_tmpdir(options)
     clickstream = options.view_as(ClickstreamOptions)
     started = time.monotonic()
     for attempt in range(2):
@@ -161,6 +163,10 @@ def main(argv: list[str]) -> int:
         "elapsed_s": round(summary.elapsed_s, 2),
         "wall_s": round(time.monotonic() - started, 2),
         "interfaces": sorted(name for _, name in socket.if_nameindex()),
+        # Where the job server's embedded Flink kept its working files, and how many
+        # clusters left one there; the directory goes when this process exits.
+        "job_server_tmpdir": str(job_server_tmpdir()),
+        "minicluster_dirs": len(list(job_server_tmpdir().glob("minicluster_*"))),
     }, sort_keys=True))
     return 0
 

@@ -53,6 +53,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.utils.timestamp import Timestamp
 
 from runners import preset_args
+from runners.flink import use_job_server_tmpdir
 
 NETNS_ENV = "RUNNERS_SMOKE_IN_NETNS"
 HOUR = 3600
@@ -163,7 +164,9 @@ def run_batch(argv: list[str], out_dir: Path) -> dict[str, Any]:
     elements = make_elements()
     prefix = out_dir / "batch"
     start = time.monotonic()
-    with beam.Pipeline(options=PipelineOptions(argv)) as p:
+    options = PipelineOptions(argv)
+    use_job_server_tmpdir(options)
+    with beam.Pipeline(options=options) as p:
         _ = (
             p
             | "Create" >> beam.Create(elements)
@@ -238,6 +241,7 @@ def run_panes(argv: list[str], out_dir: Path) -> dict[str, Any]:
     )
     options = PipelineOptions(argv)
     options.view_as(StandardOptions).streaming = True
+    use_job_server_tmpdir(options)
     start = time.monotonic()
     with beam.Pipeline(options=options) as p:
         _ = (

@@ -17,6 +17,9 @@ fetch when there is none instead of trying to download it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ import grpc
 import pytest
 from apache_beam.options.pipeline_options import (
     FlinkRunnerOptions,
+    JobServerOptions,
     PipelineOptions,
     PortableOptions,
 )
@@ -207,6 +211,43 @@ def test_flink_job_server_jar_resolution(tmp_path: Path, monkeypatch: pytest.Mon
     given = [*argv, "--flink_version=1.19", "--job_server_jvm_properties=-Xmx2g"]
     assert flink.resolve_job_server_jar(given) == [*given, f"--flink_job_server_jar={jar}"]
     assert os.environ["FLINK_JOB_SERVER_JAR"] == str(jar)
+
+
+def test_a_flink_run_gives_its_job_server_a_temporary_directory_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(flink, "_job_server_tmpdir", None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    options = PipelineOptions(["--runner=FlinkRunner", "--job_server_jvm_properties=-Xmx2g"])
+    flink.use_job_server_tmpdir(options)
+    properties = options.view_as(JobServerOptions).job_server_jvm_properties
+    mine = flink.job_server_tmpdir()
+    assert properties == ["-Xmx2g", f"-Djava.io.tmpdir={mine}"]
+    assert mine.parent == tmp_path and mine.name.startswith(
+        f"{flink.JOB_SERVER_TMP_PREFIX}{os.getpid()}-")
+    flink.use_job_server_tmpdir(options)  # once only
+    assert options.view_as(JobServerOptions).job_server_jvm_properties == properties
+    # Another runner, a running job server, or a directory the run names: left alone.
+    for argv in (["--runner=DirectRunner"],
+                 ["--runner=FlinkRunner", "--job_endpoint=127.0.0.1:8099"],
+                 ["--runner=FlinkRunner", "--job_server_jvm_properties=-Djava.io.tmpdir=/x"]):
+        given = PipelineOptions(argv)
+        before = given.view_as(JobServerOptions).job_server_jvm_properties
+        flink.use_job_server_tmpdir(given)
+        assert given.view_as(JobServerOptions).job_server_jvm_properties == before
+
+
+def test_a_killed_process_job_server_directory_is_removed_by_the_next(tmp_path: Path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    orphan = tmp_path / f"{flink.JOB_SERVER_TMP_PREFIX}{dead_pid}-abc"
+    (orphan / "minicluster_1" / "tm_0").mkdir(parents=True)
+    alive = tmp_path / f"{flink.JOB_SERVER_TMP_PREFIX}{os.getpid()}-def"
+    alive.mkdir()
+    unrelated = tmp_path / "minicluster_2"
+    unrelated.mkdir()
+    assert flink.remove_orphaned_job_server_tmpdirs(tmp_path) == [orphan]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, unrelated.name])
 
 
 def test_kit_built_jar_is_found_without_a_flag(tmp_path: Path,
