@@ -17,7 +17,9 @@ The second replay makes LATE panes by construction, as a product's traffic does:
 line that arrived before a cut is published and read, and only once the job has
 committed all of it are the lines that arrive later published (mostly devices syncing
 hours or days late). By then the watermark has passed the newest record time of every
-partition's first part (the child reports that bound), so every window that ended
+partition's first part, or the wall clock where that is earlier: KafkaIO's CreateTime
+policy caps a partition's watermark at the wall clock while its newest record time is
+ahead of it (the child reports that bound), so every window that ended
 before it has had its on-time pane, and every such window the later lines change must
 end on a LATE revision with the oracle's value. The simulated day is today's by the wall
 clock, with the cut at least 10 minutes ahead of it: events may not be more than 24 h
