@@ -40,6 +40,7 @@ from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
 from apache_beam.runners.portability.prism_runner import PrismRunner
 
 from benchmarks.baseline import DEDUP_INPUT_COUNTER, build_baseline
+from benchmarks.procs import cpu_s, descendants, status_mib
 from pipeline import compare, job, oracle
 from pipeline.compare import differences, latest_from_duckdb
 from pipeline.options import ClickstreamOptions
@@ -81,33 +82,9 @@ def pipeline_args(data_dir: str, duckdb_path: str, runner: str = "direct",
             "--duckdb_path", duckdb_path, *runner_args(runner, parallelism), *extra]
 
 
-def java_children() -> list[int]:
-    """PIDs of the java processes this process started (Flink's job server)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-            if int(rest.split()[1]) == me and comm.endswith("(java"):
-                found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def process_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds user+sys, peak RSS MiB) of a live process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    peak = 0.0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                peak = int(line.split()[1]) / 1024
-    return cpu_s, peak
+    """(CPU seconds user+sys, peak RSS MiB) of a live process."""
+    return cpu_s(pid) or 0.0, status_mib(pid, "VmHWM") or 0.0
 
 
 _runners_used: list[str] = []
@@ -197,7 +174,7 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
     wall_s = time.perf_counter() - wall0
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    java = [process_usage(pid) for pid in java_children()]
+    java = [process_usage(pid) for pid in descendants(os.getpid())]
     java_cpu_s = sum(cpu for cpu, _ in java)
     java_peak_mib = max((peak for _, peak in java), default=0.0)
     if profiler and profile_path:
@@ -217,7 +194,7 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
         duckdb_path, SINK_ROWS_SQL)[0]
     changelog_mismatches = len(compare.changelog_mismatches(duckdb_path))
     python_cpu_s = user_s + sys_s
-    cpu_s = python_cpu_s + java_cpu_s
+    total_cpu_s = python_cpu_s + java_cpu_s
     flink = runner == "flink"
     return {
         "mode": mode,
@@ -237,13 +214,13 @@ def measure(mode: str, data_dir: str, duckdb_path: str, profile_path: str | None
         "workers": 1,
         "cpu_user_s": user_s,
         "cpu_sys_s": sys_s,
-        "cpu_s": cpu_s,
+        "cpu_s": total_cpu_s,
         "cpu_python_s": python_cpu_s,
         "cpu_java_s": java_cpu_s,
         "peak_rss_java_mib": java_peak_mib,
         "java_processes": len(java),
-        "events_per_cpu_s": read / cpu_s if cpu_s else 0.0,
-        "cpu_per_wall": cpu_s / wall_s if wall_s else 0.0,
+        "events_per_cpu_s": read / total_cpu_s if total_cpu_s else 0.0,
+        "cpu_per_wall": total_cpu_s / wall_s if wall_s else 0.0,
         "peak_rss_mib": self1.ru_maxrss / 1024,
         "rss_before_run_mib": rss_before_kib / 1024,
         "children_peak_rss_mib": children1.ru_maxrss / 1024,

@@ -43,6 +43,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
+from benchmarks.procs import status_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("graph", "baseline")
 MODE_TITLES = {
@@ -141,19 +143,6 @@ def _forward(stream: TextIO, prefix: str, log: TextIO, tail: list[str],
             say(f"{prefix}   {text.split(' INFO ', 1)[-1]}")
 
 
-def _proc_status_mib(pid: int, key: str = "VmRSS") -> float | None:
-    """A memory figure of a process from Linux /proc: VmRSS (current resident set, for
-    the progress lines), VmHWM (its peak)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 # Runs "$0" "$@" after bringing loopback up in a new network namespace.
 _LO_UP_AND_EXEC = 'ip link set lo up && exec "$0" "$@"'
 
@@ -208,7 +197,7 @@ def run_child(mode: str, size: int, data_dir: Path, out_dir: Path, heartbeat_s: 
                         child.wait(timeout=heartbeat_s)
                         break
                     except subprocess.TimeoutExpired:
-                        rss = _proc_status_mib(child.pid)
+                        rss = status_mib(child.pid)
                         say(f"{prefix} running, {_clock(time.monotonic() - started)} elapsed"
                             + (f", RSS {rss:,.0f} MiB" if rss is not None else ""))
             except BaseException:

@@ -48,11 +48,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.procs import cpu_s, status_mib
 from benchmarks.run import (
     ROOT,
     _clock,
     _forward,
-    _proc_status_mib,
     runs_table,
     say,
     verdict,
@@ -245,16 +245,6 @@ def job_command(mode: str, subscription: str, duckdb_path: str, early_firing_s: 
             "--early_firing_s", str(early_firing_s), "--max_run_s", str(max_run_s)]
 
 
-def cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process, every thread (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def sink_events(duckdb_path: str) -> int | None:
     """The day windows' `events` total in the sink (None: not readable yet)."""
     from transforms.sink_duckdb import read_rows
@@ -404,7 +394,7 @@ def _run_stream(mode: str, rate: float, settings: StreamSettings, out_dir: Path,
             # The sample that saw everything (or the cap) ends the measured interval.
             time.sleep(settings.poll_s * 1.5)
             cpu1, wall1 = cpu_s(job.pid), time.time()
-            result["peak_rss_mib"] = _proc_status_mib(job.pid, "VmHWM")
+            result["peak_rss_mib"] = status_mib(job.pid, "VmHWM")
         finally:
             poller.stop.set()
             poller.join(timeout=30)

@@ -45,12 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import ROOT, _forward, _proc_status_mib, say
+from benchmarks.procs import cpu_s, descendants, status_mib
+from benchmarks.run import ROOT, _forward, say
 from benchmarks.streaming import (
     WATERMARK_LAG,
     Poller,
     _num,
-    cpu_s,
     percentile,
     sink_events,
     sink_rate,
@@ -126,27 +126,6 @@ def sustained(run: dict[str, Any]) -> bool:
 
 # --- processes -------------------------------------------------------------------------
 
-def children(pid: int, name: str = "java") -> list[int]:
-    """PIDs of the processes below `pid` (children, theirs, ...) whose command name
-    starts with `name` (python, python3.11, ...), from Linux /proc."""
-    parents: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-            parents[int(entry)] = (int(rest.split()[1]), comm.split("(", 1)[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    below, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, (parent, _) in parents.items()
-                    if parent in frontier and child not in below}
-        below |= frontier
-    return sorted(child for child in below if parents[child][1].startswith(name))
-
-
 class Sampler(threading.Thread):
     """Every `every_s`: consumer lag per partition, CPU seconds and RSS of the job's
     Python processes (its own, and a worker pool's harnesses) and of its Java children."""
@@ -179,14 +158,14 @@ class Sampler(threading.Thread):
             with contextlib.suppress(Exception):
                 sample["lag"] = {p.partition: p.lag for p in consumer_lag(
                     self.kafka_bootstrap, self.topic, GROUP, timeout_s=5)}
-            java = children(self.job_pid)
+            java = descendants(self.job_pid)
             python = [self.job_pid]
             if self.pool_pid is not None:
-                python += [self.pool_pid, *children(self.pool_pid, "python")]
+                python += [self.pool_pid, *descendants(self.pool_pid, "python")]
             sample["python_cpu_s"] = self._cpu_total("python", python)
-            sample["python_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in python)
+            sample["python_rss_mib"] = sum(status_mib(p) or 0.0 for p in python)
             sample["java_cpu_s"] = self._cpu_total("java", java)
-            sample["java_rss_mib"] = sum(_proc_status_mib(p) or 0.0 for p in java)
+            sample["java_rss_mib"] = sum(status_mib(p) or 0.0 for p in java)
             self.samples.append(sample)
 
 
@@ -319,9 +298,9 @@ def _run_one(bootstrap: str, mode: str, parallelism: int, rate: float,
                     settings.catch_up_cap_s and job.poll() is None:
                 time.sleep(settings.poll_s / 2)
             time.sleep(settings.poll_s * 1.5)
-            result["peak_rss_python_mib"] = _proc_status_mib(job.pid, "VmHWM")
-            result["peak_rss_java_mib"] = sum(_proc_status_mib(p, "VmHWM") or 0.0
-                                              for p in children(job.pid))
+            result["peak_rss_python_mib"] = status_mib(job.pid, "VmHWM")
+            result["peak_rss_java_mib"] = sum(status_mib(p, "VmHWM") or 0.0
+                                              for p in descendants(job.pid))
         finally:
             poller.stop.set()
             sampler.stop.set()
