@@ -149,10 +149,10 @@ def job_server_tmpdir() -> Path:
     when the process exits (and, if it was killed, by the next process that asks).
 
     The embedded Flink of a ``[local]`` job server puts a ``minicluster_*`` working
-    directory, RocksDB's local databases included (about 140 MB for a streaming job), in
-    java.io.tmpdir, and Beam stops the job server in a way that leaves it there: a test
-    suite that runs Flink jobs filled the disk (docs/flink.md, finding 12). Beam registers
-    the job server's own stop at exit after this, so it runs first."""
+    directory, RocksDB's local databases included, in java.io.tmpdir, and Beam stops the
+    job server in a way that leaves it there: a test suite that runs Flink jobs filled
+    the disk (docs/flink.md, finding 12). Beam registers the job server's own stop at
+    exit after this, so it runs first."""
     global _job_server_tmpdir
     if _job_server_tmpdir is None:
         root = Path(tempfile.gettempdir())

@@ -199,8 +199,8 @@ def test_flink_streaming_leaves_no_working_files_of_its_embedded_cluster(
         streaming_run) -> None:
     """A [local] streaming job's embedded Flink (RocksDB's local databases included)
     works in the job server's temporary directory, under the process's TMPDIR, and that
-    directory goes with the process: about 140 MB per job filled a CI machine's disk
-    when they stayed in /tmp (docs/flink.md, finding 12)."""
+    directory goes with the process: left in /tmp, these filled a CI machine's disk
+    (docs/flink.md, finding 12)."""
     summary, _ = streaming_run
     used = Path(summary["job_server_tmpdir"])
     assert used.name.startswith(flink.JOB_SERVER_TMP_PREFIX)
